@@ -1,0 +1,1 @@
+"""Domain discovery: corpus ingestion, sentence embeddings, spherical k-means and cluster reports."""

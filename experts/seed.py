@@ -1,0 +1,55 @@
+"""The seed LM every expert branches from: a from-scratch Llama-style preset or any Hugging Face causal LM."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ensemble.rundir import UserInputError, atomic_dir
+from experts.config import PRESETS, SeedConfig
+from experts.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def build_seed(cfg: SeedConfig, tokenizer_dir: Path, out_dir: Path) -> Path:
+    """Write the seed model to ``out_dir`` with `save_pretrained` (safetensors), atomically.
+
+    A ``preset:NAME`` seed is a randomly initialised (``cfg.seed``) `LlamaForCausalLM` whose vocabulary is
+    the shared tokenizer's; any other ``cfg.model`` is loaded with `AutoModelForCausalLM.from_pretrained`.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    if cfg.preset is not None:
+        shape = PRESETS[cfg.preset]
+        config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=cfg.max_position_embeddings,
+                             num_key_value_heads=shape["num_attention_heads"], tie_word_embeddings=True,
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id, **shape)
+        torch.manual_seed(cfg.seed)
+        model = LlamaForCausalLM(config)
+    else:
+        model = load_causal_lm(cfg.model)
+        if model.get_input_embeddings().num_embeddings < len(tokenizer):
+            raise UserInputError(f"seed {cfg.model!r}: its tokenizer is larger than its embedding table")
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("seed: %s, %.2fM parameters", cfg.model, n_params / 1e6)
+    return out_dir
+
+
+def load_causal_lm(name_or_path: str | Path, **kwargs):
+    """`AutoModelForCausalLM.from_pretrained` with a one-line error for paths that are not causal LMs."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(name_or_path)
+    if (path.is_absolute() or str(name_or_path).startswith(".")) and not path.exists():
+        raise UserInputError(f"seed model {name_or_path} does not exist: pass a Hugging Face causal LM directory")
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
+    except Exception as exc:
+        raise UserInputError(f"cannot load {name_or_path} as a causal LM ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:160]})") from exc

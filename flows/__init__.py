@@ -1,0 +1,1 @@
+"""Prefect flows and the `cbtm` command line. Only this package imports Prefect."""

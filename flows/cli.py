@@ -1,0 +1,263 @@
+"""`cbtm`: run the pipeline, retrain one expert, query and evaluate a run.
+
+Bad input exits with code 2 and one line on stderr saying what is wrong and what to do.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from ensemble.rundir import STAGES, UserInputError
+
+log = logging.getLogger("cbtm")
+PACKAGE_LOGGERS = ("cbtm", "cluster", "experts", "ensemble", "flows")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cbtm", description="Cluster-Branch-Train-Merge: discover domains, train one "
+                                "expert LM per domain, query the sparse ensemble.")
+    p.add_argument("-v", "--verbose", action="store_true", help="show Prefect logs and full tracebacks")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the pipeline end to end (default: the embedded demo corpus)",
+                         description="Run the build flow: ingest, embed, cluster, train one expert per cluster, "
+                         "assemble. Re-running the same command resumes and skips finished stages.")
+    run.add_argument("--config", metavar="FILE", help="TOML pipeline config (sections corpus, embed, cluster, seed, "
+                     "train, ensemble); flags below override it")
+    run.add_argument("--corpus", metavar="PATH", help="JSONL(.gz)/Parquet/CSV file or a directory of them "
+                     "(default: the demo corpus data/demo)")
+    run.add_argument("--text-field", metavar="NAME", help="the field holding each document's text (default: text)")
+    run.add_argument("--clusters", metavar="K", type=int, help="number of clusters = experts (default: 6)")
+    run.add_argument("--out", metavar="DIR", help="run directory (default: runs/demo, or runs/<corpus name>)")
+    run.add_argument("--until", metavar="STAGE", choices=STAGES, default="assemble",
+                     help=f"stop after this stage: {', '.join(STAGES)} (default: assemble)")
+    run.add_argument("--force", metavar="STAGE", action="append", choices=STAGES, default=[],
+                     help="re-run this stage even if it is up to date (repeatable)")
+    run.add_argument("--runner", metavar="SPEC", default="thread",
+                     help="Prefect task runner: thread (default) or process")
+    run.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
+                     help="override one config value, e.g. --set train.steps=300 (repeatable)")
+
+    retrain = sub.add_parser("retrain", help="retrain one cluster's expert and nothing else",
+                             description="Retrain the expert(s) of the given cluster(s) from the seed; the new "
+                             "expert replaces the old one atomically.")
+    retrain.add_argument("run_dir", metavar="RUN", help="a finished run directory")
+    retrain.add_argument("--cluster", metavar="I", type=int, action="append", required=True,
+                         help="cluster id whose expert is retrained (repeatable)")
+
+    query = sub.add_parser("query", help="route a prompt and print the ensemble's completion",
+                           description="Print the routing weights of PROMPT and the top-k ensemble's completion.")
+    query.add_argument("run_dir", metavar="RUN", help="a finished run directory")
+    query.add_argument("prompt", metavar="PROMPT", help="the text to continue")
+    query.add_argument("--top-k", type=int, default=None, help="experts to mix (default: the run's top_k)")
+    query.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate (default: 40)")
+    query.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    query.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --sample)")
+    query.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --sample)")
+    query.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+
+    ev = sub.add_parser("eval", help="held-out perplexity of the ensemble at top-1, top-2 and all experts",
+                        description="Score held-out text under the ensemble (routing from preceding context) "
+                        "and write RUN/eval/results.json.")
+    ev.add_argument("run_dir", metavar="RUN", help="a finished run directory")
+    ev.add_argument("--corpus", metavar="PATH", help="evaluate on this corpus instead of the run's held-out split")
+    ev.add_argument("--text-field", metavar="NAME", default="text", help="text field of --corpus (default: text)")
+    ev.add_argument("--top-k", metavar="K", type=int, action="append", help="top-k to evaluate (repeatable; "
+                    "default: 1, 2 and all)")
+    ev.add_argument("--limit", metavar="N", type=int, default=None, help="evaluate at most N documents")
+    return p
+
+
+def _setup_logging(verbose: bool) -> None:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "CRITICAL")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    for name in PACKAGE_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    if not verbose:
+        for noisy in ("transformers", "sentence_transformers", "datasets", "httpx"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        # Loading/saving a tiny expert takes milliseconds; transformers' own bars would drown the stage bars.
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
+def _quiet_prefect(verbose: bool) -> None:
+    """Keep Prefect's per-task logs and tracebacks out of the terminal; our own stage lines remain."""
+    if verbose:
+        return
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", "prefect.server", "uvicorn"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _pipeline_config(args):
+    from flows.config import PipelineConfig
+    from flows.pipeline import default_corpus
+
+    cfg = PipelineConfig.load(args.config) if args.config else PipelineConfig()
+    overrides = list(args.overrides)
+    if args.corpus:
+        overrides.append(f"corpus.path={_toml_str(args.corpus)}")
+    if args.text_field:
+        overrides.append(f"corpus.text_field={_toml_str(args.text_field)}")
+    if args.clusters is not None:
+        overrides.append(f"cluster.n_clusters={args.clusters}")
+    cfg = cfg.with_overrides(overrides)
+    corpus = Path(cfg.corpus.path)
+    if not args.corpus and str(corpus) == "data/demo" and not corpus.exists():
+        corpus = default_corpus()  # run from outside the checkout: use the shipped demo corpus
+    if not corpus.exists():
+        raise UserInputError(f"corpus {corpus} does not exist: pass --corpus with a JSONL, Parquet or CSV file "
+                             "or a directory of them")
+    cfg.corpus.path = str(corpus.resolve())
+    return cfg
+
+
+def _toml_str(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _task_runner(spec: str):
+    from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+
+    if spec == "thread":
+        return ThreadPoolTaskRunner()
+    if spec == "process":
+        return ProcessPoolTaskRunner()
+    raise UserInputError(f"unknown runner {spec!r}: use thread or process")
+
+
+def cmd_run(args) -> int:
+    cfg = _pipeline_config(args)
+    corpus_name = Path(cfg.corpus.path).name.split(".")[0]
+    out = Path(args.out or Path("runs") / ("demo" if corpus_name == "demo" else corpus_name))
+    runner = _task_runner(args.runner)
+    from cluster.corpus import check_corpus
+
+    check_corpus(cfg.corpus, min_documents=cfg.cluster.n_clusters)  # before a server starts for nothing
+    from flows.pipeline import build
+
+    _quiet_prefect(args.verbose)
+    existed = out.exists()
+    try:
+        summary = build.with_options(task_runner=runner)(cfg.to_dict(), str(out), args.until, args.force)
+    except UserInputError:
+        if not existed:  # bad input leaves no run directory behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    except BaseException:
+        if not existed:  # a run that never got going leaves nothing; a started one is kept to resume
+            _remove_unfinished(out)
+        raise
+    _print_summary(summary)
+    return 0
+
+
+def _remove_unfinished(out: Path) -> None:
+    from ensemble.rundir import RunDir
+
+    run = RunDir(out)
+    if not run.exists() or not run.read_manifest().stages.get("ingest"):
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _print_summary(summary: dict) -> None:
+    print()
+    if summary["clusters"]:
+        print(f"Clusters ({len(summary['clusters'])}):")
+        for c in summary["clusters"]:
+            print(f"  {c['cluster_id']:>3}  {c['size_train']:>6} train docs  {', '.join(c['keywords'][:8])}")
+    if summary["experts"]:
+        print("Experts (held-out loss, nats/token):")
+        for cid, e in sorted(summary["experts"].items(), key=lambda kv: int(kv[0])):
+            val = "n/a" if e["val_loss"] is None else f"{e['val_loss']:.3f}"
+            print(f"  {cid:>3}  val {val}  train {e['train_loss']:.3f}  {e['path']}")
+    print(f"Run directory: {summary['run_dir']}" + ("  (report.md)" if summary["done"] else ""))
+    if summary["done"]:
+        print(f'Try:  cbtm query {summary["run_dir"]} "Bread dough should rise" --top-k 2')
+
+
+def cmd_retrain(args) -> int:
+    from flows.pipeline import retrain
+
+    _quiet_prefect(args.verbose)
+    summary = retrain(str(args.run_dir), sorted(set(args.cluster)))
+    _print_summary(summary)
+    return 0
+
+
+def cmd_query(args) -> int:
+    from ensemble import Ensemble
+
+    ens = Ensemble.load(args.run_dir)
+    top_k = args.top_k or ens.top_k
+    routes = ens.route(args.prompt, top_k=top_k)
+    keywords = {e["cluster_id"]: e["keywords"] for e in ens.experts}
+    print("Routing:")
+    for cid, weight in routes:
+        print(f"  cluster {cid:>3}  weight {weight:.3f}  {', '.join(keywords[cid][:5])}")
+    text = ens.generate(args.prompt, max_new_tokens=args.max_new_tokens, top_k=top_k, do_sample=args.sample,
+                        temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    print(f"Completion:\n{args.prompt}{text}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from ensemble import Ensemble
+    from ensemble.evaluate import evaluate_run, heldout_texts, write_results
+
+    ens = Ensemble.load(args.run_dir)
+    texts = heldout_texts(ens, Path(args.corpus) if args.corpus else None, args.text_field)[: args.limit]
+    top_ks = args.top_k or [1, 2, ens.n_experts]
+    for k in top_ks:
+        if not 1 <= k <= ens.n_experts:
+            raise UserInputError(f"--top-k {k} is out of range: this run has {ens.n_experts} experts")
+    results = evaluate_run(ens, texts, top_ks)
+    path = write_results(ens.run.root, results)
+    print(f"Held-out perplexity over {results['n_texts']} documents:")
+    for name, r in results["systems"].items():
+        print(f"  {name:<12} {r['perplexity']:>9.2f}  ({r['tokens']} tokens)")
+    print(f"Results: {path}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "retrain": cmd_retrain, "query": cmd_query, "eval": cmd_eval}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return COMMANDS[args.command](args)
+    except (UserInputError, FileNotFoundError, ValueError) as exc:
+        if args.verbose:
+            raise
+        print(f"cbtm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cbtm {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.verbose:
+            raise
+        print(f"cbtm {args.command}: failed: {type(exc).__name__}: {exc} (re-run with --verbose for details)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Stage bookkeeping shared by the flows: input hashes, "is this stage current?", running a stage.
+
+A stage is skipped when the manifest records it with the same input hash *and* its outputs on disk still
+hash to what was recorded (a deleted or edited artifact is rebuilt). Nothing here imports Prefect.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+from ensemble.rundir import Manifest, RunDir, hash_json, hash_path
+from flows.config import PipelineConfig
+
+log = logging.getLogger("cbtm")
+
+def section_hash(section) -> dict:
+    """A config section as hashed: ``device`` changes where work runs, not what it computes."""
+    return {k: v for k, v in dataclasses.asdict(section).items() if k != "device"}
+
+
+def stage_inputs(cfg: PipelineConfig, manifest: Manifest, stage: str, cluster_id: int | None = None) -> str:
+    """Content hash of everything ``stage`` depends on: its config section and its inputs' output hashes."""
+    up = lambda name: (manifest.stages.get(name) or {}).get("outputs")  # noqa: E731
+    if stage == "ingest":
+        return hash_json({"cfg": section_hash(cfg.corpus), "data": hash_path(Path(cfg.corpus.path))})
+    if stage == "embed":
+        return hash_json({"cfg": section_hash(cfg.embed), "ingest": up("ingest")})
+    if stage == "cluster":
+        return hash_json({"cfg": section_hash(cfg.cluster), "embed": up("embed")})
+    if stage in ("tokenizer", "seed"):
+        prev = up("ingest") if stage == "tokenizer" else up("tokenizer")
+        return hash_json({"cfg": section_hash(cfg.seed), "up": prev})
+    if stage == "expert":
+        return hash_json({"cfg": section_hash(cfg.train), "seed": up("seed"), "cluster": up("cluster"),
+                          "ingest": up("ingest"), "cluster_id": cluster_id})
+    if stage == "train":
+        return hash_json({cid: e.get("inputs") for cid, e in sorted(manifest.experts.items())})
+    if stage == "assemble":
+        return hash_json({"cfg": section_hash(cfg.ensemble), "train": up("train"), "cluster": up("cluster")})
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+STAGE_OUTPUTS: dict[str, Callable[[RunDir], Path]] = {
+    "ingest": lambda r: r.corpus_path, "embed": lambda r: r.embeddings_dir, "cluster": lambda r: r.clusters_dir,
+    "tokenizer": lambda r: r.tokenizer_dir, "seed": lambda r: r.seed_dir, "assemble": lambda r: r.report_path,
+}
+
+
+def is_current(run: RunDir, manifest: Manifest, stage: str, inputs: str) -> bool:
+    record = manifest.stages.get(stage)
+    if not record or record.get("inputs") != inputs:
+        return False
+    return hash_path(STAGE_OUTPUTS[stage](run)) == record.get("outputs")
+
+
+def expert_is_current(run: RunDir, manifest: Manifest, cluster_id: int, inputs: str) -> bool:
+    entry = manifest.experts.get(str(cluster_id))
+    if not entry or entry.get("inputs") != inputs:
+        return False
+    return hash_path(run.expert_dir(cluster_id)) == entry.get("hash")
+
+
+def run_stage(run: RunDir, manifest: Manifest, stage: str, inputs: str, work: Callable[[], object],
+              force: bool = False) -> bool:
+    """Run ``work`` unless ``stage`` is current; record it in the manifest. Returns True if it ran."""
+    if not force and is_current(run, manifest, stage, inputs):
+        log.info("  %-9s up to date, skipped", stage)
+        return False
+    out = STAGE_OUTPUTS[stage](run)
+    record = manifest.stages.get(stage)
+    if record and record.get("inputs") != inputs and out.is_dir():
+        shutil.rmtree(out)  # stale outputs of other inputs (e.g. embedding shards) must not be resumed
+    started = time.perf_counter()
+    work()
+    run.record_stage(manifest, stage, inputs, hash_path(out))
+    log.info("  %-9s done in %.1fs", stage, time.perf_counter() - started)
+    return True
+
+
+def record_expert(run: RunDir, manifest: Manifest, cluster_id: int, inputs: str, summary: dict) -> None:
+    """Enter a trained expert in the manifest's cluster id -> expert table."""
+    keep = ("steps", "tokens", "train_loss", "val_loss", "seconds", "device")
+    manifest.experts[str(cluster_id)] = {
+        "path": run.expert_dir(cluster_id).relative_to(run.root).as_posix(), "inputs": inputs,
+        "hash": hash_path(run.expert_dir(cluster_id)), **{k: summary.get(k) for k in keep}}
+    run.write_manifest(manifest)

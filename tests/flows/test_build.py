@@ -1,0 +1,143 @@
+"""End-to-end: the real `build` and `retrain` flows under Prefect's test harness, and the CLI."""
+import json
+import shutil
+
+import pytest
+
+from ensemble import Ensemble
+from ensemble.rundir import RunDir, hash_path
+from flows.cli import main
+from flows.pipeline import build, retrain
+from tests.conftest import tiny_config, write_jsonl
+
+EXPECTED_FILES = {
+    "DONE", "manifest.json", "config.toml", "report.md", "corpus/docs.parquet",
+    "embeddings/meta.json", "embeddings/shard-00000.npy", "embeddings/shard-00000.ids.json",
+    "clusters/centroids.npy", "clusters/assignments.parquet", "clusters/clusters.json",
+    "plots/cluster_sizes.png", "plots/loss_curves.png",
+    "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json",
+    "seed/config.json", "seed/generation_config.json", "seed/model.safetensors", "seed/tokenizer.json",
+    "seed/tokenizer_config.json",
+    *(f"experts/{i}/{name}" for i in range(3) for name in (
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+        "metrics.jsonl", "expert.json")),
+}
+
+
+def files(root):
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+def expert_mtimes(run_dir):
+    return {p.relative_to(run_dir).as_posix(): p.stat().st_mtime_ns for p in (run_dir / "experts").rglob("*")}
+
+
+def test_build_writes_the_run_directory_contract(built_run):
+    assert files(built_run) == EXPECTED_FILES
+    manifest = json.loads((built_run / "manifest.json").read_text())
+    assert manifest["format"] == "cbtm-run" and manifest["schema_version"] == 1
+    assert set(manifest["stages"]) == {"ingest", "embed", "cluster", "tokenizer", "seed", "train", "assemble"}
+    assert {k: v["path"] for k, v in manifest["experts"].items()} == {str(i): f"experts/{i}" for i in range(3)}
+    assert manifest["embedder"] == "all-MiniLM-L6-v2" and manifest["temperature"] > 0
+    assert {"torch", "transformers", "prefect"} <= set(manifest["versions"])
+    for cid, entry in manifest["experts"].items():
+        assert hash_path(built_run / entry["path"]) == entry["hash"]
+    report = (built_run / "report.md").read_text()
+    assert "plots/cluster_sizes.png" in report and "| 2 |" in report
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(built_run / "experts" / "0").config.vocab_size > 0
+
+
+def test_rerun_skips_everything_and_a_deleted_expert_is_retrained_alone(built_run, slice_corpus, tmp_path):
+    run_dir = shutil.copytree(built_run, tmp_path / "run")
+    before = expert_mtimes(run_dir)
+    build(tiny_config(slice_corpus).to_dict(), str(run_dir))
+    assert expert_mtimes(run_dir) == before  # nothing retrained
+    shutil.rmtree(run_dir / "experts" / "1")
+    build(tiny_config(slice_corpus).to_dict(), str(run_dir))
+    after = expert_mtimes(run_dir)
+    assert {k: v for k, v in after.items() if not k.startswith("experts/1")} == \
+           {k: v for k, v in before.items() if not k.startswith("experts/1")}
+    assert (run_dir / "experts" / "1" / "model.safetensors").exists() and (run_dir / "DONE").exists()
+
+
+def test_a_changed_training_config_retrains_experts_but_keeps_clusters(built_run, slice_corpus, tmp_path):
+    run_dir = shutil.copytree(built_run, tmp_path / "run")
+    clusters_before = hash_path(run_dir / "clusters")
+    cfg = tiny_config(slice_corpus).with_overrides(["train.steps=10"])
+    build(cfg.to_dict(), str(run_dir), until="train")
+    assert hash_path(run_dir / "clusters") == clusters_before
+    manifest = RunDir(run_dir).read_manifest()
+    assert all(e["steps"] == 10 for e in manifest.experts.values())
+
+
+def test_retrain_replaces_one_expert_and_leaves_the_others_untouched(built_run, tmp_path):
+    run_dir = shutil.copytree(built_run, tmp_path / "run")
+    ens = Ensemble.load(run_dir)
+    old_text = ens.generate("Bread dough", max_new_tokens=8, top_k=1)
+    before = expert_mtimes(run_dir)
+    config = json.loads((run_dir / "manifest.json").read_text())["config"]
+    cfg = dict(config, train=dict(config["train"], seed=123))  # a different seed makes a different expert
+    (run_dir / "manifest.json").write_text(json.dumps(dict(json.loads((run_dir / "manifest.json").read_text()),
+                                                           config=cfg)))
+    retrain(str(run_dir), [2])
+    after = expert_mtimes(run_dir)
+    assert {k: v for k, v in after.items() if not k.startswith("experts/2")} == \
+           {k: v for k, v in before.items() if not k.startswith("experts/2")}
+    assert after["experts/2/model.safetensors"] != before["experts/2/model.safetensors"]
+    assert ens.generate("Bread dough", max_new_tokens=8, top_k=1) == old_text  # old files until reload
+    manifest = RunDir(run_dir).read_manifest()
+    assert manifest.experts["2"]["hash"] == hash_path(run_dir / "experts" / "2")
+    ens.reload()
+    assert ens._hashes[2] == manifest.experts["2"]["hash"]
+
+
+def test_cli_query_and_eval_on_a_built_run(built_run, capsys):
+    assert main(["query", str(built_run), "Bread dough should rise", "--top-k", "2", "--max-new-tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("weight") == 2 and "Completion:" in out
+    assert main(["eval", str(built_run), "--limit", "6"]) == 0
+    results = json.loads((built_run / "eval" / "results.json").read_text())
+    assert {"top-1", "top-2", "all experts"} == set(results["systems"])
+    assert results["systems"]["top-1"]["perplexity"] > 1
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["run", "--corpus", "/no/such/file"], "does not exist"),
+    (["run", "--clusters", "0"], "--clusters must be >= 1"),
+    (["run", "--set", "train.nope=1"], "unknown key"),
+    (["run", "--runner", "warp"], "unknown runner"),
+    (["query", "/no/run", "hi"], "not a cbtm run directory"),
+])
+def test_cli_bad_input_exits_2_with_one_line(argv, match, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0]
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("case", ["no_text_field", "too_many_clusters", "empty", "too_many_after_cleaning"])
+def test_cli_bad_corpus_exits_2_and_leaves_no_run(prefect_harness, tmp_path, capsys, case):
+    corpus = tmp_path / "c.jsonl"
+    docs = [{"text": "long enough document text number %d" % (i % 5)} for i in range(60)]
+    if case == "no_text_field":
+        write_jsonl(corpus, [{"body": d["text"]} for d in docs])
+    elif case == "too_many_clusters":
+        write_jsonl(corpus, docs[:5])
+    elif case == "too_many_after_cleaning":
+        write_jsonl(corpus, docs)  # 60 rows, 5 distinct: fails inside the flow, after deduplication
+    else:
+        corpus.write_text("")
+    out = tmp_path / "run"
+    assert main(["run", "--corpus", str(corpus), "--clusters", "50", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    assert [line for line in err if "error" in line] == [err[-1]]
+    expected = {"no_text_field": "no text field 'text'; its fields are body", "too_many_clusters": "50 clusters",
+                "empty": "empty", "too_many_after_cleaning": "only 5 training documents"}[case]
+    assert expected in err[-1]
+    if case != "too_many_after_cleaning":
+        assert len(err) == 1  # failed before any work started
+    assert not out.exists()
