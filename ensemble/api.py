@@ -5,6 +5,7 @@ import json
 import logging
 from collections import OrderedDict
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -14,8 +15,6 @@ from ensemble.router import prior_weights, route_weights
 from ensemble.rundir import IncompatibleRunError, RunDir
 
 log = logging.getLogger(__name__)
-
-ROUTE_CONTEXT_TOKENS = 256  # at most this many preceding tokens are embedded to route a scoring window
 
 
 class Ensemble:
@@ -138,23 +137,64 @@ class Ensemble:
     # ------------------------------------------------------------------------------------------ generation
     def generate(self, prompts: str | list[str], max_new_tokens: int = 64, top_k: int | None = None,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
-                 stop: str | list[str] | None = None) -> str | list[str]:
-        """Continue each prompt with the mixture of its top-k experts; returns the continuation text."""
-        from ensemble.generate import generate_one
+                 stop: str | list[str] | None = None, reroute_every: int | None = None) -> str | list[str]:
+        """Continue each prompt with the mixture of its top-k experts; returns the continuation text(s).
+
+        Prompts in a batch are grouped per expert (each expert runs once per step on its prompts).
+        ``reroute_every=N`` re-embeds prompt + generated text every N tokens and updates the weights;
+        experts that enter get their cache filled from the full context.
+        """
+        from ensemble.generate import cut_at_stop, decode_batch
 
         single = isinstance(prompts, str)
         batch = [prompts] if single else list(prompts)
+        args = self._generation_args(batch, max_new_tokens, top_k, do_sample, temperature, top_p, stop, reroute_every)
+        produced: list[list[int]] = [[] for _ in batch]
+        for step in decode_batch(self, batch, seed=seed, **args):
+            for row, token in enumerate(step):
+                if token is not None:
+                    produced[row].append(token)
+        outs = [cut_at_stop(self.tokenizer.decode(p, skip_special_tokens=True), args["stops"]) for p in produced]
+        return outs[0] if single else outs
+
+    def stream(self, prompt: str, max_new_tokens: int = 64, top_k: int | None = None, do_sample: bool = False,
+               temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
+               stop: str | list[str] | None = None, reroute_every: int | None = None) -> Iterator[str]:
+        """Yield the continuation of one prompt as text pieces, as they are produced."""
+        from ensemble.generate import cut_at_stop, decode_batch
+
+        args = self._generation_args([prompt], max_new_tokens, top_k, do_sample, temperature, top_p, stop,
+                                     reroute_every)
+        produced: list[int] = []
+        sent = ""
+        for step in decode_batch(self, [prompt], seed=seed, **args):
+            if step[0] is None:
+                break
+            produced.append(step[0])
+            text = cut_at_stop(self.tokenizer.decode(produced, skip_special_tokens=True), args["stops"])
+            if text.endswith("\ufffd"):
+                continue  # half of a multi-byte character: wait for the rest
+            if len(text) > len(sent):
+                yield text[len(sent):]
+                sent = text
+        final = cut_at_stop(self.tokenizer.decode(produced, skip_special_tokens=True), args["stops"])
+        if len(final) > len(sent):
+            yield final[len(sent):]
+
+    def _generation_args(self, batch: list[str], max_new_tokens: int, top_k: int | None, do_sample: bool,
+                         temperature: float, top_p: float, stop, reroute_every: int | None) -> dict:
         _check_texts(batch)
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens}")
         top_k = self.top_k if top_k is None else top_k
         self._check_top_k(top_k)
+        if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
+            raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        if reroute_every is not None and reroute_every < 1:
+            raise ValueError(f"reroute_every must be >= 1 (tokens) or None, got {reroute_every}")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        ids, weights = self._route_arrays(batch, top_k)
-        outs = [generate_one(self, prompt, row_ids, row_w, max_new_tokens, do_sample, temperature, top_p,
-                             None if seed is None else seed + i, stops)
-                for i, (prompt, row_ids, row_w) in enumerate(zip(batch, ids, weights))]
-        return outs[0] if single else outs
+        return dict(top_k=int(top_k), max_new_tokens=int(max_new_tokens), do_sample=do_sample,
+                    temperature=temperature, top_p=top_p, stops=stops, reroute_every=reroute_every)
 
     # ------------------------------------------------------------------------------------------ scoring
     def score(self, texts: str | list[str], top_k: int | None = None) -> list[np.ndarray]:

@@ -58,3 +58,25 @@ def write_results(run_root: Path, results: dict) -> Path:
     path = Path(run_root) / "eval" / "results.json"
     atomic_write_text(path, json.dumps(results, indent=2) + "\n")
     return path
+
+
+def plot_temperature(results: dict, path: Path) -> Path:
+    """Held-out perplexity against the routing temperature (log x axis), the chosen T marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = results["grid"]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([r["temperature"] for r in grid], [r["perplexity"] for r in grid], "o-")
+    ax.axvline(results["best"], color="tab:red", linestyle="--", label=f"chosen T = {results['best']:g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("routing temperature T")
+    ax.set_ylabel(f"held-out perplexity (top-{results['top_k']})")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -5,6 +5,7 @@ Bad input exits with code 2 and one line on stderr saying what is wrong and what
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -38,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--force", metavar="STAGE", action="append", choices=STAGES, default=[],
                      help="re-run this stage even if it is up to date (repeatable)")
     run.add_argument("--runner", metavar="SPEC", default="thread",
-                     help="Prefect task runner: thread (default) or process")
+                     help="Prefect task runner: thread (default) or process (one API server is started "
+                     "for the worker processes)")
     run.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
                      help="override one config value, e.g. --set train.steps=300 (repeatable)")
 
@@ -59,6 +61,17 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --sample)")
     query.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --sample)")
     query.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    query.add_argument("--reroute-every", metavar="N", type=int, default=None,
+                       help="re-embed the growing context every N tokens and update the weights")
+
+    tune = sub.add_parser("tune-temperature", help="pick the routing temperature by held-out perplexity",
+                          description="Score the held-out split at every temperature of the grid (the experts run "
+                          "once), record the best in the run's manifest, plot perplexity against T.")
+    tune.add_argument("run_dir", metavar="RUN", help="a finished run directory")
+    tune.add_argument("--grid", default="0.01,0.03,0.1,0.3,1,3",
+                      help="comma-separated temperatures (default: 0.01,0.03,0.1,0.3,1,3)")
+    tune.add_argument("--top-k", type=int, default=None, help="experts mixed while scoring (default: the run's)")
+    tune.add_argument("--limit", metavar="N", type=int, default=None, help="use at most N held-out documents")
 
     ev = sub.add_parser("eval", help="held-out perplexity of the ensemble at top-1, top-2 and all experts",
                         description="Score held-out text under the ensemble (routing from preceding context) "
@@ -131,30 +144,24 @@ def _toml_str(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _task_runner(spec: str):
-    from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
-
-    if spec == "thread":
-        return ThreadPoolTaskRunner()
-    if spec == "process":
-        return ProcessPoolTaskRunner()
-    raise UserInputError(f"unknown runner {spec!r}: use thread or process")
-
-
 def cmd_run(args) -> int:
+    from flows.runners import task_runner
+
     cfg = _pipeline_config(args)
     corpus_name = Path(cfg.corpus.path).name.split(".")[0]
     out = Path(args.out or Path("runs") / ("demo" if corpus_name == "demo" else corpus_name))
-    runner = _task_runner(args.runner)
+    runner = task_runner(args.runner)
     from cluster.corpus import check_corpus
 
     check_corpus(cfg.corpus, min_documents=cfg.cluster.n_clusters)  # before a server starts for nothing
     from flows.pipeline import build
+    from flows.runners import shared_api_server
 
     _quiet_prefect(args.verbose)
     existed = out.exists()
     try:
-        summary = build.with_options(task_runner=runner)(cfg.to_dict(), str(out), args.until, args.force)
+        with shared_api_server(args.runner):
+            summary = build.with_options(task_runner=runner)(cfg.to_dict(), str(out), args.until, args.force)
     except UserInputError:
         if not existed:  # bad input leaves no run directory behind
             shutil.rmtree(out, ignore_errors=True)
@@ -210,9 +217,42 @@ def cmd_query(args) -> int:
     print("Routing:")
     for cid, weight in routes:
         print(f"  cluster {cid:>3}  weight {weight:.3f}  {', '.join(keywords[cid][:5])}")
-    text = ens.generate(args.prompt, max_new_tokens=args.max_new_tokens, top_k=top_k, do_sample=args.sample,
-                        temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    print(f"Completion:\n{args.prompt}{text}")
+    print("Completion:")
+    print(args.prompt, end="", flush=True)
+    for piece in ens.stream(args.prompt, max_new_tokens=args.max_new_tokens, top_k=top_k, do_sample=args.sample,
+                            temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                            reroute_every=args.reroute_every):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
+def cmd_tune_temperature(args) -> int:
+    from ensemble import Ensemble
+    from ensemble.evaluate import heldout_texts, plot_temperature
+    from ensemble.rundir import atomic_write_text
+    from ensemble.scoring import tune_temperature
+
+    try:
+        grid = sorted({float(x) for x in args.grid.split(",") if x.strip()})
+    except ValueError as exc:
+        raise UserInputError(f"--grid {args.grid!r} must be comma-separated numbers, e.g. 0.03,0.1,0.3") from exc
+    if not grid or min(grid) <= 0:
+        raise UserInputError(f"--grid {args.grid!r} must hold temperatures > 0")
+    ens = Ensemble.load(args.run_dir)
+    top_k = args.top_k or ens.top_k
+    ens._check_top_k(top_k)
+    results = tune_temperature(ens, heldout_texts(ens)[: args.limit], grid, top_k)
+    manifest = ens.run.read_manifest()
+    manifest.temperature = results["best"]
+    ens.run.write_manifest(manifest)
+    atomic_write_text(ens.run.eval_dir / "temperature.json", json.dumps(results, indent=2) + "\n")
+    plot = plot_temperature(results, ens.run.plots_dir / "temperature.png")
+    print(f"Held-out perplexity by routing temperature (top-{top_k}):")
+    for row in results["grid"]:
+        mark = "  <- chosen" if row["temperature"] == results["best"] else ""
+        print(f"  T={row['temperature']:<8g} {row['perplexity']:>9.2f}{mark}")
+    print(f"Recorded temperature {results['best']:g} in {ens.run.manifest_path}; plot: {plot}")
     return 0
 
 
@@ -235,7 +275,8 @@ def cmd_eval(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "retrain": cmd_retrain, "query": cmd_query, "eval": cmd_eval}
+COMMANDS = {"run": cmd_run, "retrain": cmd_retrain, "query": cmd_query, "eval": cmd_eval,
+            "tune-temperature": cmd_tune_temperature}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ import torch
 
 from ensemble import Ensemble
 from ensemble.rundir import IncompatibleRunError
-from ensemble.scoring import expert_logprobs
+from ensemble.scoring import WindowRouting, expert_logprobs
 
 COOKING = "How long should bread dough rise before it goes into the oven?"
 
@@ -62,9 +62,7 @@ def test_all_experts_perplexity_is_the_dense_mixture(ens):
     text = "Knead the dough for ten minutes. " * 3 + "The striker scored a late goal in the league match."
     got = ens.score(text, top_k=3)[0]
     ids = ens.tokenizer(text, add_special_tokens=False)["input_ids"]
-    from ensemble.scoring import routing_matrix
-
-    weights = routing_matrix(ens, [ids], 3)[0]
+    weights = WindowRouting(ens, [ids]).matrices(3, ens.temperature)[0]
     per_expert = np.stack([expert_logprobs(ens.expert_model(e), [ens.tokenizer.eos_token_id, *ids],
                                            ens.max_positions, "cpu") for e in range(3)], axis=1)
     dense = np.log((weights * np.exp(per_expert)).sum(1))
