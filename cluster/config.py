@@ -22,6 +22,8 @@ class CorpusConfig:
     min_chars: int = 20
     max_chars: int | None = None
     heldout_fraction: float = 0.1
+    # A label column read only by reports and evaluation (purity, NMI, ARI); None: "label" or "domain" if present.
+    label_field: str | None = None
 
     def __post_init__(self) -> None:
         if not self.text_field:
@@ -78,8 +80,11 @@ class ClusterConfig:
     n_keywords: int = 10
     balanced: bool = True  # cap each cluster's training set at (1 + balance_slack) * N / k documents
     balance_slack: float = 0.1
+    auto_k: list[int] | None = None  # `--clusters auto`: fit each k here, keep the best silhouette
 
     def __post_init__(self) -> None:
+        if self.auto_k is not None and (not self.auto_k or min(self.auto_k) < 2):
+            raise UserInputError(f"cluster.auto_k must list candidate k >= 2, got {self.auto_k}")
         if self.balance_slack < 0:
             raise UserInputError(f"cluster.balance_slack must be >= 0, got {self.balance_slack}")
         if self.n_clusters < 1:

@@ -1,15 +1,31 @@
-"""Corpus ingestion: read any supported file through `datasets`, clean, deduplicate, split, write Parquet."""
+"""Corpus ingestion: open any supported source through `datasets`, clean, deduplicate, split, write Parquet.
+
+Sources: JSON Lines (plain or .gz), Parquet, CSV (a file or a directory of one format), a directory of
+.txt files (one document each, id = relative path), a directory written by ``Dataset.save_to_disk`` and a
+hub dataset ``hf:NAME[:CONFIG]``. Every source is opened as a memory-mapped ``datasets.Dataset``.
+"""
 from __future__ import annotations
 
+import codecs
+import contextlib
+import csv
+import gzip
 import hashlib
+import io
+import json
 import logging
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cluster.config import CorpusConfig
-from ensemble.rundir import UserInputError
+from ensemble.rundir import UserInputError, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -17,6 +33,20 @@ log = logging.getLogger(__name__)
 FORMATS = {".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".json.gz": "json",
            ".parquet": "parquet", ".csv": "csv", ".csv.gz": "csv"}
 RESERVED = ("id", "text", "split")
+SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # written by save_to_disk
+SUPPORTED = ".jsonl(.gz), .parquet, .csv, a directory of them or of .txt files, a save_to_disk directory, hf:NAME"
+
+
+@dataclass
+class OpenedCorpus:
+    """An opened source: ``dataset`` (memory-mapped `datasets.Dataset`), its ``format`` (json | csv | parquet |
+    txt | disk | hub), ``undecodable`` documents skipped for bytes that are not UTF-8, and ``id_field``, the
+    column holding the source's own ids (txt: the file's relative path; None: derive ids from content)."""
+
+    dataset: Any
+    format: str
+    undecodable: int = 0
+    id_field: str | None = None
 
 
 def _suffix(path: Path) -> str:
@@ -28,35 +58,215 @@ def _suffix(path: Path) -> str:
 
 
 def resolve_corpus_files(path: Path) -> tuple[str, list[str]]:
-    """Return (datasets builder, files) for a corpus file or a directory of corpus files of one format."""
+    """Return (builder, files) for a corpus file or a directory of corpus files of one format.
+
+    builder is a `datasets` builder name, or "txt" for a directory of .txt files (searched recursively).
+    """
     path = Path(path)
     if not path.exists():
-        raise UserInputError(f"corpus {path} does not exist: pass --corpus with a JSONL, Parquet or CSV file "
-                             "or a directory of them")
+        raise UserInputError(f"corpus {path} does not exist: pass --corpus with one of: {SUPPORTED}")
+    if path.is_file() and _suffix(path) == ".txt":
+        raise UserInputError(f"corpus {path} is a single .txt file: pass the directory of .txt files "
+                             "(one document each), or a JSONL, Parquet or CSV file")
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file() and _suffix(p) in FORMATS)
     if not files:
-        raise UserInputError(f"corpus directory {path} holds no .jsonl/.jsonl.gz/.parquet/.csv files")
+        texts = sorted(p for p in path.rglob("*.txt")
+                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        if texts:
+            return "txt", [str(f) for f in texts]
+        raise UserInputError(f"corpus directory {path} holds no .jsonl/.jsonl.gz/.parquet/.csv/.txt files "
+                             "and is not a save_to_disk dataset")
     builders = {FORMATS.get(_suffix(f)) for f in files}
     if None in builders:
-        raise UserInputError(f"corpus {path}: unknown format {_suffix(files[0])!r}; supported: "
-                             + ", ".join(sorted(FORMATS)))
+        raise UserInputError(f"corpus {path}: unknown format {_suffix(files[0])!r}; supported: {SUPPORTED}")
     if len(builders) > 1:
         raise UserInputError(f"corpus directory {path} mixes formats {sorted(builders)}: keep one format per corpus")
     return builders.pop(), [str(f) for f in files]
 
 
-def load_corpus(path: Path):
-    """Open the corpus as a memory-mapped `datasets.Dataset` (not loaded into RAM)."""
+def open_corpus(path: str | Path) -> OpenedCorpus:
+    """Open ``path`` (any supported source, see the module docstring) without loading it into RAM.
+
+    Documents with undecodable bytes (JSONL line, CSV record, .txt file) are skipped and counted.
+    """
     import datasets
 
+    datasets.disable_progress_bars()
+    spec = str(path)
+    if spec.startswith("hf:"):
+        return OpenedCorpus(_load_hub(spec), "hub")
+    path = Path(spec)
+    if path.is_dir() and any((path / m).exists() for m in SAVED_MARKERS):
+        return OpenedCorpus(_load_saved(path), "disk")
     builder, files = resolve_corpus_files(path)
     if all(Path(f).stat().st_size == 0 for f in files):
         raise UserInputError(f"corpus {path} is empty: it holds no documents")
-    datasets.disable_progress_bars()
+    with tempfile.TemporaryDirectory(prefix="cbtm-decode-") as tmp:
+        if builder == "txt":
+            readable, undecodable = _txt_to_jsonl(files, path, Path(tmp) / "docs.jsonl")
+        else:
+            readable, undecodable = _decodable_copies(builder, files, Path(tmp))
+        if all(Path(f).stat().st_size == 0 for f in readable):
+            raise UserInputError(f"corpus {path} is empty after cleaning ({undecodable} documents with "
+                                 "undecodable bytes): re-encode it as UTF-8")
+        ds = _load_files("json" if builder == "txt" else builder, readable, path)
+    if readable != files:
+        _drop_cache(ds)
+    if undecodable:
+        log.warning("corpus %s: skipped %d document(s) with undecodable (non-UTF-8) bytes", path, undecodable)
+    return OpenedCorpus(ds, builder, undecodable, "path" if builder == "txt" else None)
+
+
+def load_corpus(path: str | Path):
+    """Open the corpus as a memory-mapped `datasets.Dataset` (not loaded into RAM)."""
+    return open_corpus(path).dataset
+
+
+def _load_files(builder: str, files: list[str], where: Path):
+    import datasets
+
     try:
         return datasets.load_dataset(builder, data_files=files, split="train")
     except Exception as exc:  # datasets raises many types for unreadable files
-        raise UserInputError(f"corpus {path} could not be read as {builder}: {str(exc).splitlines()[0]}") from exc
+        raise UserInputError(f"corpus {where} could not be read as {builder}: {_first_line(exc)}") from exc
+
+
+def _drop_cache(ds) -> None:
+    """Delete the Arrow cache built from a temporary copy: its source path is never seen again, so it would
+    never be reused. The dataset stays readable: its files are already memory-mapped (POSIX keeps them)."""
+    for entry in ds.cache_files:
+        folder = Path(entry["filename"]).parent
+        shutil.rmtree(folder, ignore_errors=True)
+        for parent in list(folder.parents)[:2]:  # the builder's now-empty config/version folders
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+
+
+def _load_saved(path: Path):
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as exc:
+        raise UserInputError(f"corpus {path} looks like a save_to_disk dataset but could not be loaded: "
+                             f"{_first_line(exc)}") from exc
+    return _single(loaded, path)
+
+
+def _load_hub(spec: str):
+    import datasets
+
+    name, _, config = spec[3:].partition(":")
+    if not name:
+        raise UserInputError(f"corpus {spec!r} names no dataset: use hf:NAME or hf:NAME:CONFIG")
+    try:
+        loaded = datasets.load_dataset(name, config or None)
+    except Exception as exc:
+        raise UserInputError(f"cannot load hub dataset {name!r} ({type(exc).__name__}: {_first_line(exc)}): "
+                             "where the network allows, save it with save_to_disk and pass that directory") from exc
+    return _single(loaded, spec)
+
+
+def _single(loaded, where):
+    """A DatasetDict contributes its "train" split if it has one, else all its splits concatenated."""
+    import datasets
+
+    if not isinstance(loaded, datasets.DatasetDict):
+        return loaded
+    if "train" in loaded:
+        log.info("corpus %s: using its 'train' split of %s", where, sorted(loaded))
+        return loaded["train"]
+    try:
+        return datasets.concatenate_datasets(list(loaded.values()))
+    except ValueError as exc:
+        raise UserInputError(f"corpus {where}: its splits {sorted(loaded)} have different fields and cannot "
+                             "be read as one corpus: save one split with save_to_disk") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
+# ---------------------------------------------------------------------------------------------- undecodable bytes
+def _open_bytes(path: Path):
+    return gzip.open(path, "rb") if str(path).lower().endswith(".gz") else open(path, "rb")
+
+
+def _is_utf8(path: Path) -> bool:
+    """Stream the (decompressed) bytes through a UTF-8 decoder: O(1) memory."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with _open_bytes(path) as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                decoder.decode(chunk)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _decodable_copies(builder: str, files: list[str], tmp: Path) -> tuple[list[str], int]:
+    """Files as they are when they decode; otherwise a copy in ``tmp`` without the undecodable documents.
+
+    Returns (files to read, number of documents dropped).
+    """
+    out, dropped = [], 0
+    for i, name in enumerate(files):
+        if builder == "parquet" or _is_utf8(Path(name)):
+            out.append(name)
+            continue
+        dst = tmp / f"{i:05d}.{'jsonl' if builder == 'json' else 'csv'}"
+        dropped += (_clean_jsonl if builder == "json" else _clean_csv)(Path(name), dst)
+        out.append(str(dst))
+    return out, dropped
+
+
+def _clean_jsonl(src: Path, dst: Path) -> int:
+    dropped = 0
+    with _open_bytes(src) as fin, open(dst, "wb") as fout:
+        for line in fin:
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                dropped += 1
+                continue
+            fout.write(line)
+    return dropped
+
+
+def _clean_csv(src: Path, dst: Path) -> int:
+    """Copy CSV records whose fields all decode (quoted newlines are handled by the csv module)."""
+    csv.field_size_limit(max(csv.field_size_limit(), min(sys.maxsize, 2**31 - 1)))
+    dropped = 0
+    with _open_bytes(src) as raw, open(dst, "w", encoding="utf-8", newline="") as fout:
+        reader = csv.reader(io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline=""))
+        writer = csv.writer(fout)
+        for n, row in enumerate(reader):
+            try:
+                "\x1f".join(row).encode("utf-8")
+            except UnicodeEncodeError:
+                if n == 0:
+                    raise UserInputError(f"corpus {src}: its CSV header is not UTF-8: re-encode the file as UTF-8")
+                dropped += 1
+                continue
+            writer.writerow(row)
+    return dropped
+
+
+def _txt_to_jsonl(files: list[str], root: Path, dst: Path) -> tuple[list[str], int]:
+    """One JSON line {"path": relative path, "text": contents} per decodable .txt file."""
+    dropped = 0
+    with open(dst, "w", encoding="utf-8") as out:
+        for name in files:
+            try:
+                text = Path(name).read_bytes().decode("utf-8-sig")
+            except UnicodeDecodeError:
+                dropped += 1
+                continue
+            rel = Path(name).relative_to(root).as_posix()
+            out.write(json.dumps({"path": rel, "text": text}, ensure_ascii=False) + "\n")
+    return [str(dst)], dropped
 
 
 def document_id(text: str) -> str:
@@ -75,7 +285,12 @@ def check_corpus(cfg: CorpusConfig, min_documents: int = 1):
 
     Returns the opened dataset. Row counts here are before cleaning; `ingest_corpus` checks again after.
     """
-    ds = load_corpus(Path(cfg.path))
+    return _check(cfg, min_documents).dataset
+
+
+def _check(cfg: CorpusConfig, min_documents: int = 1) -> OpenedCorpus:
+    opened = open_corpus(cfg.path)
+    ds = opened.dataset
     if len(ds) == 0:
         raise UserInputError(f"corpus {cfg.path} is empty: it holds no documents")
     for kind, name in (("text", cfg.text_field), ("id", cfg.id_field)):
@@ -85,27 +300,43 @@ def check_corpus(cfg: CorpusConfig, min_documents: int = 1):
     if len(ds) < min_documents:
         raise UserInputError(f"{min_documents} clusters requested but corpus {cfg.path} has only {len(ds)} "
                              "documents: pass a smaller --clusters or a larger corpus")
-    return ds
+    return opened
 
 
 def ingest_corpus(cfg: CorpusConfig, out_path: Path) -> Path:
     """Clean, deduplicate and split the corpus at ``cfg.path`` into ``out_path`` (Parquet).
 
     Output columns: ``id`` (str), ``text`` (str), ``split`` ("train" | "heldout"), plus every other
-    scalar column of the input (for example a label that only evaluation reads).
-    Raises UserInputError for a missing/unknown/empty corpus or a missing text field.
+    scalar column of the input (for example a label that only evaluation reads). The cleaning counts go
+    to ``ingest.json`` beside it. Raises UserInputError for a missing/unknown/empty corpus or a missing
+    field; documents with undecodable bytes are skipped and counted, never fatal.
     """
-    ds = check_corpus(cfg)
-    extras = [c for c in ds.column_names if c not in (cfg.text_field, cfg.id_field) and c not in RESERVED
+    opened = _check(cfg)
+    ds, id_field = opened.dataset, cfg.id_field or opened.id_field
+    extras = [c for c in ds.column_names if c not in (cfg.text_field, id_field) and c not in RESERVED
               and str(ds.features[c].dtype) in ("string", "large_string", "int64", "int32", "bool")]
-    counts = {"read": 0, "not_text": 0, "too_short": 0, "truncated": 0, "duplicate": 0, "kept": 0, "heldout": 0}
-    seen: set[bytes] = set()
+    counts = {"read": opened.undecodable, "undecodable": opened.undecodable, "not_text": 0, "too_short": 0,
+              "truncated": 0, "duplicate": 0, "kept": 0, "heldout": 0}
+    out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    seen: set[bytes] = set()
+    batches = (_clean_batch(cfg, id_field, batch, extras, seen, counts) for batch in ds.iter(batch_size=10_000))
+    _write_parquet(batches, out_path, lambda: UserInputError(
+        f"corpus {cfg.path} is empty after cleaning ({_describe(counts)}): "
+        "lower corpus.min_chars or check --text-field"))
+    report = {"source": str(cfg.path), "format": opened.format, "id_field": id_field, "counts": counts,
+              "summary": _describe(counts)}
+    atomic_write_text(out_path.with_name("ingest.json"), json.dumps(report, indent=2) + "\n")
+    log.info("ingest: %s", _describe(counts))
+    return out_path
+
+
+def _write_parquet(batches, out_path: Path, empty_error) -> None:
+    """Write dicts of columns to ``out_path`` via a temporary sibling; ``empty_error()`` if no row came."""
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     writer = None
     try:
-        for batch in ds.iter(batch_size=10_000):
-            rows = _clean_batch(cfg, batch, extras, seen, counts)
+        for rows in batches:
             if not rows["id"]:
                 continue
             table = pa.table({k: pa.array(v) for k, v in rows.items()})
@@ -113,8 +344,7 @@ def ingest_corpus(cfg: CorpusConfig, out_path: Path) -> Path:
                 writer = pq.ParquetWriter(tmp, table.schema)
             writer.write_table(table.cast(writer.schema))
         if writer is None:
-            raise UserInputError(f"corpus {cfg.path} is empty after cleaning ({_describe(counts)}): "
-                                 "lower corpus.min_chars or check --text-field")
+            raise empty_error()
         writer.close()
         tmp.replace(out_path)
     except BaseException:
@@ -122,11 +352,10 @@ def ingest_corpus(cfg: CorpusConfig, out_path: Path) -> Path:
             writer.close()
         tmp.unlink(missing_ok=True)
         raise
-    log.info("ingest: %s", _describe(counts))
-    return out_path
 
 
-def _clean_batch(cfg: CorpusConfig, batch: dict, extras: list[str], seen: set, counts: dict) -> dict:
+def _clean_batch(cfg: CorpusConfig, id_field: str | None, batch: dict, extras: list[str], seen: set,
+                 counts: dict) -> dict:
     rows: dict[str, list] = {"id": [], "text": [], "split": [], **{c: [] for c in extras}}
     texts = batch[cfg.text_field]
     for i, text in enumerate(texts):
@@ -146,7 +375,7 @@ def _clean_batch(cfg: CorpusConfig, batch: dict, extras: list[str], seen: set, c
             counts["duplicate"] += 1
             continue
         seen.add(digest)
-        doc_id = str(batch[cfg.id_field][i]) if cfg.id_field else document_id(text)
+        doc_id = str(batch[id_field][i]) if id_field else document_id(text)
         split = "heldout" if heldout(doc_id, cfg.heldout_fraction) else "train"
         counts["kept"] += 1
         counts["heldout"] += split == "heldout"
@@ -159,7 +388,8 @@ def _clean_batch(cfg: CorpusConfig, batch: dict, extras: list[str], seen: set, c
 
 
 def _describe(counts: dict) -> str:
-    return (f"{counts['read']} read, {counts['not_text']} not text, {counts['too_short']} too short, "
+    return (f"{counts['read']} read, {counts.get('undecodable', 0)} undecodable, {counts['not_text']} not text, "
+            f"{counts['too_short']} too short, "
             f"{counts['duplicate']} duplicates, {counts['truncated']} truncated -> {counts['kept']} kept "
             f"({counts['kept'] - counts['heldout']} train / {counts['heldout']} held-out)")
 

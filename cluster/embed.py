@@ -1,4 +1,5 @@
-"""Sentence embeddings: the `Embedder` interface, its sentence-transformers implementation, and the embed stage."""
+"""Document embeddings: the `Embedder` interface, its sentence-transformers implementation (tf-idf: cluster.tfidf),
+and the embed stage (independent, resumable shards)."""
 from __future__ import annotations
 
 import hashlib
@@ -7,7 +8,7 @@ import logging
 import os
 import zipfile
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -18,7 +19,9 @@ from ensemble.rundir import UserInputError, atomic_write_text
 log = logging.getLogger(__name__)
 
 MINILM_NAMES = {DEFAULT_EMBEDDER, f"sentence-transformers/{DEFAULT_EMBEDDER}"}
-PROGRESS_CHUNK = 256  # documents per progress update (encode sorts each chunk by length itself)
+PROGRESS_CHUNK = 256  # documents per encode call / progress update unless the embedder says (chunk_size)
+CHARS_PER_TOKEN = 8  # a text this many characters per token of the window long is clipped before tokenizing
+TFIDF_DIR = "tfidf"  # the fitted tf-idf embedder, inside the embeddings directory
 MINILM_SHA256 = ("53aa5117", "d9db")  # prefix and suffix of model.safetensors' sha256, as published
 
 
@@ -79,7 +82,10 @@ def resolve_model_path(name: str) -> str:
 
 
 class SentenceTransformerEmbedder:
-    """sentence-transformers model (any name or local path), L2-normalised float32 output."""
+    """sentence-transformers model (any name or local path), L2-normalised float32 output.
+
+    fp32 on CPU (routing must be stable); bf16 (or fp16 where bf16 is unsupported) on CUDA.
+    """
 
     def __init__(self, name: str = DEFAULT_EMBEDDER, device: str = "auto", batch_size: int = 32,
                  max_seq_length: int = 256):
@@ -87,13 +93,27 @@ class SentenceTransformerEmbedder:
 
         self.name = name
         self.batch_size = batch_size
+        try:
+            device = resolve_device(device)
+        except ValueError as exc:
+            raise UserInputError(f"embed.device: {exc}") from exc
         path = resolve_model_path(name)
         try:
-            self.model = SentenceTransformer(path, device=resolve_device(device), local_files_only=True)
+            self.model = SentenceTransformer(path, device=device, local_files_only=True)
         except Exception as exc:
             raise UserInputError(f"cannot load embedding model {name!r} offline ({type(exc).__name__}): "
                                  "pass a local sentence-transformers directory with --set embed.model=/path") from exc
+        self.device, self.precision = device, "fp32"
+        if device.startswith("cuda"):
+            import torch
+
+            half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            self.model.to(half)
+            self.precision = "bf16" if half == torch.bfloat16 else "fp16"
         self.model.max_seq_length = min(max_seq_length, self.model.max_seq_length or max_seq_length)
+        # Documents per `encode` call in the embed stage: one batch on CPU, so encode's own sort by characters
+        # cannot undo the sort by tokens; several on a GPU, where each call's overhead shows.
+        self.chunk_size = batch_size if device == "cpu" else max(1, PROGRESS_CHUNK // batch_size) * batch_size
         self.dim = int(self.model.get_embedding_dimension() if hasattr(self.model, "get_embedding_dimension")
                        else self.model.get_sentence_embedding_dimension())
 
@@ -103,48 +123,224 @@ class SentenceTransformerEmbedder:
                                     normalize_embeddings=True, show_progress_bar=show_progress)
         return np.asarray(vectors, dtype=np.float32).reshape(len(texts), self.dim)
 
+    def sort_keys(self, texts: list[str]) -> tuple[np.ndarray, list[str]]:
+        """(sort keys, int [n]; the texts to encode, same order) for `encode_length_sorted`.
 
-def load_embedder(cfg: EmbedConfig) -> Embedder:
+        A text longer than CHARS_PER_TOKEN * max_seq_length characters is cut at a whitespace when the
+        prefix holds at least max_seq_length words: it truncates to the same tokens, with less tokenizing.
+        Keys are token counts (capped at max_seq_length) on CPU, where padding costs more than tokenizing
+        twice; character counts on a GPU, where tokenizing is the bottleneck.
+        """
+        limit = int(self.model.max_seq_length)
+        clipped = [_clip(t, CHARS_PER_TOKEN * limit, limit) for t in texts]
+        tokenizer = getattr(self.model, "tokenizer", None)
+        if self.device != "cpu" or tokenizer is None:
+            return np.array([len(t) for t in clipped], np.int64), clipped
+        lengths = np.zeros(len(texts), np.int64)
+        for i in range(0, len(texts), 1024):  # in slices: bounded memory for the token ids
+            lengths[i:i + 1024] = tokenizer(clipped[i:i + 1024], truncation=True, max_length=limit,
+                                            return_length=True, return_attention_mask=False,
+                                            return_token_type_ids=False)["length"]
+        return lengths, [c if n >= limit else t for t, c, n in zip(texts, clipped, lengths)]
+
+
+def _clip(text: str, cut: int, min_words: int) -> str:
+    """``text`` cut at its last whitespace before ``cut`` characters if that keeps ``min_words`` words."""
+    if len(text) <= cut:
+        return text
+    head = text[:cut]
+    head = head[:max(head.rfind(c) for c in " \n\t\r")]
+    return head if len(head.split()) >= min_words else text
+
+
+def load_embedder(cfg: EmbedConfig, fitted_dir: Path | None = None) -> Embedder:
+    """The embedder ``cfg`` describes, ready to encode (routing at inference uses this too).
+
+    ``fitted_dir``: the run's embeddings directory; a tf-idf embedder is read from ``fitted_dir/tfidf``.
+    """
+    if cfg.kind == "tfidf":
+        from cluster.tfidf import TfidfEmbedder
+
+        if fitted_dir is None:
+            raise UserInputError("embed.kind=tfidf needs its fitted parameters: pass the run's embeddings directory "
+                                 "(or run the embed stage first)")
+        return TfidfEmbedder.load(Path(fitted_dir) / TFIDF_DIR)
     return SentenceTransformerEmbedder(cfg.model, cfg.device, cfg.batch_size, cfg.max_seq_length)
 
 
-def embed_corpus(cfg: EmbedConfig, corpus_path: Path, out_dir: Path, embedder: Embedder | None = None) -> Path:
-    """Embed every document of ``corpus_path`` into ``out_dir`` as float16 shards with their ids beside them.
+def stage_embedder(cfg: EmbedConfig, corpus_path: Path, out_dir: Path) -> Embedder:
+    """The embedder of the embed stage; call it once before the shards.
 
-    Writes ``shard-NNNNN.npy`` ([n, dim] float16) and ``shard-NNNNN.ids.json`` per ``cfg.shard_size``
-    documents, then ``meta.json``. Finished shards are kept and never recomputed, so a killed run resumes.
+    Clears shards left by other settings or another corpus (see `claim_embed_dir`), then returns the
+    sentence-transformers model, or the tf-idf embedder fitted on a training sample of ``corpus_path`` and
+    saved in ``out_dir/tfidf`` (a killed run that resumes reuses that fit).
+    """
+    claim_embed_dir(cfg, corpus_path, out_dir)
+    if cfg.kind != "tfidf":
+        return load_embedder(cfg)
+    from cluster.tfidf import fit_tfidf
+
+    if (Path(out_dir) / TFIDF_DIR / "settings.json").exists():
+        log.info("embed: reusing the tf-idf embedder fitted earlier in %s", Path(out_dir) / TFIDF_DIR)
+        return load_embedder(cfg, out_dir)
+    return fit_tfidf(corpus_path, cfg.tfidf_dim, cfg.tfidf_sample, Path(out_dir) / TFIDF_DIR)
+
+
+def claim_embed_dir(cfg: EmbedConfig, corpus_path: Path, out_dir: Path) -> None:
+    """Record what ``out_dir`` holds (``embedder.json``); if it held shards of other settings or of another
+    corpus, delete them and any tf-idf fit first, so that no stale shard is ever resumed."""
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(corpus_path).metadata
+    claim = {"kind": cfg.kind, "shard_size": cfg.shard_size,
+             "corpus": [meta.num_rows, meta.num_row_groups, meta.serialized_size, Path(corpus_path).stat().st_size],
+             **({"model": cfg.model, "max_seq_length": cfg.max_seq_length} if cfg.kind != "tfidf"
+                else {"tfidf_dim": cfg.tfidf_dim, "tfidf_sample": cfg.tfidf_sample})}
+    path = Path(out_dir) / "embedder.json"
+    try:
+        same = json.loads(path.read_text()) == claim
+    except (OSError, ValueError):
+        same = False
+    if same:
+        return
+    if Path(out_dir).exists():
+        import shutil
+
+        for stale in [*Path(out_dir).glob("shard-*"), Path(out_dir) / "meta.json"]:
+            stale.unlink(missing_ok=True)
+        shutil.rmtree(Path(out_dir) / TFIDF_DIR, ignore_errors=True)
+    atomic_write_text(path, json.dumps(claim, indent=2))
+
+
+def plan_shards(corpus_path: Path, shard_size: int) -> int:
+    """Number of shards of ``shard_size`` documents the ingested corpus splits into."""
+    import pyarrow.parquet as pq
+
+    return -(-pq.ParquetFile(corpus_path).metadata.num_rows // shard_size)
+
+
+def shard_paths(out_dir: Path, shard_index: int) -> tuple[Path, Path]:
+    """(vectors ``shard-NNNNN.npy``, ids ``shard-NNNNN.ids.json``) of one shard."""
+    return Path(out_dir) / f"shard-{shard_index:05d}.npy", Path(out_dir) / f"shard-{shard_index:05d}.ids.json"
+
+
+def embed_shard(cfg: EmbedConfig, corpus_path: Path, out_dir: Path, shard_index: int, embedder: Embedder,
+                on_progress: Callable[[int], object] | None = None) -> Path:
+    """Embed documents [i * shard_size, (i + 1) * shard_size) of the corpus into one shard; return its path.
+
+    Writes ``shard-NNNNN.npy`` ([n, dim], ``cfg.dtype``) then ``shard-NNNNN.ids.json`` (list of n str), each
+    via a temporary file and a rename. A finished shard of the right shape and dtype is left untouched.
     """
     import pyarrow.parquet as pq
 
-    from ensemble.progress import progress
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    embedder = embedder or load_embedder(cfg)
     parquet = pq.ParquetFile(corpus_path)
     n_docs = parquet.metadata.num_rows
-    n_shards = (n_docs + cfg.shard_size - 1) // cfg.shard_size
-    bar = progress(total=n_docs, desc="embed", unit="doc")
-    for shard, batch in enumerate(parquet.iter_batches(batch_size=cfg.shard_size, columns=["id", "text"])):
-        vec_path = out_dir / f"shard-{shard:05d}.npy"
-        ids_path = out_dir / f"shard-{shard:05d}.ids.json"
-        if vec_path.exists() and ids_path.exists():
-            bar.update(batch.num_rows)  # finished in an earlier, interrupted run
-            continue
-        texts = batch.column("text").to_pylist()
-        parts = []
-        for start in range(0, len(texts), PROGRESS_CHUNK):
-            parts.append(embedder.encode(texts[start:start + PROGRESS_CHUNK]).astype(np.float16))
-            bar.update(len(parts[-1]))
-        tmp = vec_path.with_name(f".{vec_path.name}.tmp")
-        with open(tmp, "wb") as fh:
-            np.save(fh, np.concatenate(parts))
-        os.replace(tmp, vec_path)
-        atomic_write_text(ids_path, json.dumps(batch.column("id").to_pylist()))
+    start, stop = shard_index * cfg.shard_size, min(n_docs, (shard_index + 1) * cfg.shard_size)
+    if not 0 <= start < n_docs:
+        raise ValueError(f"shard {shard_index} is out of range: the corpus has "
+                         f"{plan_shards(corpus_path, cfg.shard_size)} shard(s)")
+    vec_path, ids_path = shard_paths(out_dir, shard_index)
+    vec_path.parent.mkdir(parents=True, exist_ok=True)
+    on_progress = on_progress or (lambda n: None)
+    if _shard_done(vec_path, ids_path, (stop - start, embedder.dim), np.dtype(cfg.dtype)):
+        on_progress(stop - start)  # finished in an earlier, interrupted run
+        return vec_path
+    rows = _read_rows(parquet, start, stop, ["id", "text"])
+    vectors = encode_length_sorted(embedder, rows.column("text").to_pylist(), on_progress).astype(cfg.dtype)
+    tmp = vec_path.with_name(f".{vec_path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        np.save(fh, vectors)
+    os.replace(tmp, vec_path)
+    atomic_write_text(ids_path, json.dumps(rows.column("id").to_pylist()))
+    return vec_path
+
+
+def _shard_done(vec_path: Path, ids_path: Path, shape: tuple[int, int], dtype: np.dtype) -> bool:
+    if not (vec_path.exists() and ids_path.exists()):
+        return False
+    try:
+        done = np.load(vec_path, mmap_mode="r")
+    except (OSError, ValueError):
+        return False
+    return done.shape == shape and done.dtype == dtype
+
+
+def _read_rows(parquet, start: int, stop: int, columns: list[str]):
+    """Rows [start, stop) of a ParquetFile, reading only the row groups that hold them (a pyarrow Table)."""
+    import pyarrow as pa
+
+    parts, offset = [], 0
+    for group in range(parquet.num_row_groups):
+        n = parquet.metadata.row_group(group).num_rows
+        if offset < stop and offset + n > start:
+            lo, hi = max(start - offset, 0), min(stop - offset, n)
+            parts.append(parquet.read_row_group(group, columns=columns).slice(lo, hi - lo))
+        offset += n
+        if offset >= stop:
+            break
+    return pa.concat_tables(parts)
+
+
+def encode_length_sorted(embedder: Embedder, texts: list[str],
+                         on_progress: Callable[[int], object] | None = None) -> np.ndarray:
+    """Encode longest-first (token counts where the embedder gives them, else characters) in chunks of whole
+    batches, so every batch pads little; return float32 [n, dim] in input order."""
+    if hasattr(embedder, "sort_keys"):
+        keys, texts = embedder.sort_keys(texts)
+    else:
+        keys = np.array([len(t) for t in texts])
+    order = np.argsort(-keys, kind="stable")
+    chunk = getattr(embedder, "chunk_size", None) or PROGRESS_CHUNK
+    out = np.empty((len(texts), embedder.dim), np.float32)
+    for lo in range(0, len(texts), chunk):
+        idx = order[lo:lo + chunk]
+        out[idx] = embedder.encode([texts[i] for i in idx])
+        if on_progress:
+            on_progress(len(idx))
+    return out
+
+
+def embed_corpus(cfg: EmbedConfig, corpus_path: Path, out_dir: Path, embedder: Embedder | None = None) -> Path:
+    """Embed every document of ``corpus_path`` into ``out_dir``: shards of ``cfg.shard_size`` documents.
+
+    Writes ``shard-NNNNN.npy`` ([n, dim], ``cfg.dtype``, float16 by default) and ``shard-NNNNN.ids.json``
+    per shard, ``tfidf/`` for the tf-idf embedder, ``embedder.json`` (what the shards were made with), then
+    ``meta.json``. Finished shards are never recomputed, so a killed run resumes at the first missing one.
+    """
+    from ensemble.progress import progress
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if embedder is None:
+        embedder = stage_embedder(cfg, corpus_path, out_dir)
+    else:
+        claim_embed_dir(cfg, corpus_path, out_dir)
+    if cfg.kind == "tfidf" and not (out_dir / TFIDF_DIR).exists() and hasattr(embedder, "save"):
+        embedder.save(out_dir / TFIDF_DIR)  # inference routes with the same fitted embedder
+    n_shards = plan_shards(corpus_path, cfg.shard_size)
+    bar = progress(total=_num_rows(corpus_path), desc="embed", unit="doc")
+    for shard in range(n_shards):
+        embed_shard(cfg, corpus_path, out_dir, shard, embedder, bar.update)
     bar.close()
-    meta = {"embedder": cfg.model, "dim": embedder.dim, "n_docs": n_docs, "n_shards": n_shards, "dtype": "float16"}
-    atomic_write_text(out_dir / "meta.json", json.dumps(meta, indent=2))
-    log.info("embed: %d documents -> %d shard(s) of dim %d with %s", n_docs, n_shards, embedder.dim, cfg.model)
-    return out_dir
+    return write_embeddings_meta(cfg, corpus_path, out_dir, embedder)
+
+
+def write_embeddings_meta(cfg: EmbedConfig, corpus_path: Path, out_dir: Path, embedder: Embedder) -> Path:
+    """Write ``meta.json`` (kind, embedder, dim, n_docs, n_shards, shard_size, dtype, precision) last."""
+    n_docs, n_shards = _num_rows(corpus_path), plan_shards(corpus_path, cfg.shard_size)
+    meta = {"kind": cfg.kind, "embedder": cfg.model if cfg.kind == "sentence-transformers" else "tfidf",
+            "dim": int(embedder.dim), "n_docs": n_docs, "n_shards": n_shards, "shard_size": cfg.shard_size,
+            "dtype": cfg.dtype, "precision": getattr(embedder, "precision", "fp32")}
+    atomic_write_text(Path(out_dir) / "meta.json", json.dumps(meta, indent=2))
+    log.info("embed: %d documents -> %d shard(s) of dim %d with %s (%s)", n_docs, n_shards, embedder.dim,
+             meta["embedder"], cfg.dtype)
+    return Path(out_dir)
+
+
+def _num_rows(corpus_path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(corpus_path).metadata.num_rows
 
 
 def load_embeddings(emb_dir: Path) -> tuple[list[str], np.ndarray]:

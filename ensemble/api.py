@@ -54,14 +54,19 @@ class Ensemble:
         self.top_k = int(self._top_k_override or manifest.top_k or ens_cfg.top_k)
         self.route_window = ens_cfg.route_window
         self.centroids = np.load(self.run.clusters_dir / "centroids.npy")
-        self.n_experts = len(self.centroids)
-        self._check_top_k(self.top_k)
+        self.n_clusters = len(self.centroids)
+        # Clusters whose expert was skipped (too little data to train) are never routed to.
+        self.active = np.array([c for c in range(self.n_clusters)
+                                if not manifest.experts.get(str(c), {}).get("skipped")], dtype=np.int64)
+        self.n_experts = len(self.active)
+        self._check_top_k(min(self.top_k, self.n_experts))
+        self.top_k = min(self.top_k, self.n_experts)
         from cluster.kmeans import read_clusters
 
         self.clusters = read_clusters(self.run.clusters_dir)["clusters"]
         self._paths = {int(cid): self.run.root / entry["path"] for cid, entry in manifest.experts.items()}
         self._hashes = {int(cid): entry.get("hash") for cid, entry in manifest.experts.items()}
-        missing = [c for c in range(self.n_experts) if c not in self._paths]
+        missing = [int(c) for c in self.active if c not in self._paths]
         if missing:
             raise IncompatibleRunError(f"run {self.run.root} has no expert for cluster(s) {missing}: "
                                        f"train them with `cbtm retrain {self.run.root} --cluster N`")
@@ -79,7 +84,8 @@ class Ensemble:
     def experts(self) -> list[dict]:
         """One row per expert: cluster_id, keywords, size (training documents), path, loaded."""
         return [{"cluster_id": c["cluster_id"], "keywords": c["keywords"], "size": c["size_train"],
-                 "path": str(self._paths[c["cluster_id"]]), "loaded": c["cluster_id"] in self._models}
+                 "path": str(self._paths[c["cluster_id"]]), "loaded": c["cluster_id"] in self._models,
+                 "skipped": c["cluster_id"] not in self.active}
                 for c in self.clusters]
 
     def expert_model(self, cluster_id: int):
@@ -115,13 +121,15 @@ class Ensemble:
             from cluster.embed import load_embedder
 
             cfg = dict(self.manifest.config.get("embed", {}), device=self.device)
-            self._embedder = load_embedder(EmbedConfig(**cfg))
+            self._embedder = load_embedder(EmbedConfig(**cfg), self.run.embeddings_dir)
         return self._embedder.encode(texts)
 
     def _route_arrays(self, texts: list[str], top_k: int) -> tuple[np.ndarray, np.ndarray]:
         from cluster.kmeans import squared_distances
 
-        return route_weights(squared_distances(self.embed(texts), self.centroids), self.temperature, top_k)
+        ids, weights = route_weights(squared_distances(self.embed(texts), self.centroids[self.active]),
+                                     self.temperature, top_k)
+        return self.active[ids], weights
 
     def route(self, texts: str | list[str], top_k: int | None = None):
         """[(cluster_id, weight), ...] best first (weights sum to 1) for one text, or a list of those."""
@@ -214,7 +222,9 @@ class Ensemble:
 
     def prior(self, top_k: int) -> tuple[np.ndarray, np.ndarray]:
         """Routing weights used before any context exists: the clusters' training sizes."""
-        return prior_weights(np.array([c["size_train"] for c in self.clusters]), top_k)
+        sizes = {c["cluster_id"]: c.get("size_train_balanced", c["size_train"]) for c in self.clusters}
+        ids, weights = prior_weights(np.array([sizes[int(c)] for c in self.active]), top_k)
+        return self.active[ids], weights
 
 
 def _check_texts(texts: list[str]) -> None:

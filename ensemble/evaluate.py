@@ -40,7 +40,7 @@ def evaluate_run(ens, texts: list[str], top_ks: list[int]) -> dict:
     for top_k in sorted(set(min(k, ens.n_experts) for k in top_ks)):
         logps = ens.score(texts, top_k=top_k)
         per_cluster = {}
-        for cid in range(ens.n_experts):
+        for cid in range(ens.n_clusters):
             parts = [lp for lp, c in zip(logps, nearest) if c == cid]
             if parts:
                 flat = np.concatenate(parts)

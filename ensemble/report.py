@@ -1,11 +1,12 @@
 """`report.md` and its plots: what a person reads before trusting a run."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 from cluster.kmeans import read_clusters
-from cluster.report import plot_cluster_sizes
+from cluster.report import clusters_markdown, write_cluster_plots
 from ensemble.rundir import Manifest, RunDir, atomic_write_text
 from experts.train import read_metrics
 
@@ -42,29 +43,41 @@ def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
-def write_report(run: RunDir, manifest: Manifest) -> Path:
-    """Write ``report.md`` (clusters, experts, plots) into the run directory and return its path."""
+def write_report(run: RunDir, manifest: Manifest, label_field: str | None = None) -> Path:
+    """Write ``report.md`` (clusters, experts, evaluation) and its plots into the run directory."""
     clusters = read_clusters(run.clusters_dir)["clusters"]
     ids = [c["cluster_id"] for c in clusters]
-    plot_cluster_sizes(clusters, run.plots_dir / "cluster_sizes.png")
+    write_cluster_plots(run.clusters_dir, run.corpus_path, run.embeddings_dir, run.plots_dir, label_field)
     plot_loss_curves(run, ids, run.plots_dir / "loss_curves.png")
     lines = [f"# cbtm run `{run.root.name}`", "",
-             f"Embedder `{manifest.embedder}`, {len(clusters)} clusters, routing temperature "
-             f"{manifest.temperature}, default top-k {manifest.top_k}.", "",
-             "## Clusters", "", "![cluster sizes](plots/cluster_sizes.png)", "",
-             "| cluster | train docs | held-out docs | distinctive words |", "|---:|---:|---:|---|"]
-    lines += [f"| {c['cluster_id']} | {c['size_train']} | {c['size_heldout']} | {', '.join(c['keywords'])} |"
-              for c in clusters]
-    lines += ["", "Documents nearest each centroid:", ""]
-    for c in clusters:
-        lines.append(f"- **cluster {c['cluster_id']}**")
-        lines += [f"  - {t[:200].replace(chr(10), ' ')}" for t in c["nearest"]]
-    lines += ["", "## Experts", "", "![loss curves](plots/loss_curves.png)", "",
-              "| cluster | path | steps | tokens | train loss | held-out loss | seconds |",
-              "|---:|---|---:|---:|---:|---:|---:|"]
-    for cid in ids:
-        e = manifest.experts.get(str(cid), {})
-        lines.append(f"| {cid} | `{e.get('path')}` | {e.get('steps')} | {e.get('tokens')} | "
-                     f"{_fmt(e.get('train_loss'))} | {_fmt(e.get('val_loss'))} | {e.get('seconds')} |")
+             f"Embedder `{manifest.embedder}`, {len(clusters)} experts, routing temperature {manifest.temperature}, "
+             f"default top-k {manifest.top_k}. Corpus `{manifest.config.get('corpus', {}).get('path')}`.", "",
+             clusters_markdown(run.clusters_dir, "plots"), "", *_experts_section(run, manifest, ids),
+             *_evaluation_section(run)]
     atomic_write_text(run.report_path, "\n".join(lines) + "\n")
     return run.report_path
+
+
+def _experts_section(run: RunDir, manifest: Manifest, ids: list[int]) -> list[str]:
+    lines = ["## Experts", "", "![loss curves](plots/loss_curves.png)", "",
+             "| cluster | path | steps | tokens | train loss | held-out loss | seconds | loss curve |",
+             "|---:|---|---:|---:|---:|---:|---:|---|"]
+    for cid in ids:
+        e = manifest.experts.get(str(cid), {})
+        curve = f"experts/{cid}/loss.png"
+        link = f"[png]({curve})" if (run.root / curve).exists() else ""
+        lines.append(f"| {cid} | `{e.get('path')}` | {e.get('steps')} | {e.get('tokens')} | "
+                     f"{_fmt(e.get('train_loss'))} | {_fmt(e.get('val_loss'))} | {e.get('seconds')} | {link} |")
+    return lines
+
+
+def _evaluation_section(run: RunDir) -> list[str]:
+    path = run.eval_dir / "results.json"
+    if not path.exists():
+        return ["", "Held-out evaluation: run `cbtm eval` to add it here."]
+    results = json.loads(path.read_text())
+    lines = ["", "## Held-out perplexity", "", "| system | perplexity | tokens |", "|---|---:|---:|"]
+    lines += [f"| {name} | {r['perplexity']:.2f} | {r['tokens']} |" for name, r in results["systems"].items()]
+    if (run.plots_dir / "temperature.png").exists():
+        lines += ["", "![perplexity by routing temperature](plots/temperature.png)"]
+    return lines

@@ -45,15 +45,16 @@ class WindowRouting:
         self.sq_distances = squared_distances(ens.embed(contexts), ens.centroids) if contexts else None
 
     def matrices(self, top_k: int, temperature: float) -> list[np.ndarray]:
-        """Per text, dense weights float64 [n_tokens, n_experts] (top_k non-zero per row, rows sum to 1)."""
+        """Per text, dense weights float64 [n_tokens, n_clusters] (top_k non-zero per row, rows sum to 1)."""
         prior_ids, prior_w = self.ens.prior(top_k)
         mats = []
         for ids in self.encoded:
-            m = np.zeros((len(ids), self.ens.n_experts))
+            m = np.zeros((len(ids), self.ens.n_clusters))
             m[:self.window, prior_ids[0]] = prior_w[0]
             mats.append(m)
         if self.sq_distances is not None:
-            route_ids, route_w = route_weights(self.sq_distances, temperature, top_k)
+            route_ids, route_w = route_weights(self.sq_distances[:, self.ens.active], temperature, top_k)
+            route_ids = self.ens.active[route_ids]
             for (ti, c), row_ids, row_w in zip(self.owners, route_ids, route_w):
                 mats[ti][c * self.window:(c + 1) * self.window, row_ids] = row_w
         return mats

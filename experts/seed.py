@@ -53,3 +53,40 @@ def load_causal_lm(name_or_path: str | Path, **kwargs):
     except Exception as exc:
         raise UserInputError(f"cannot load {name_or_path} as a causal LM ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0][:160]})") from exc
+
+
+def pretrain_seed(cfg: SeedConfig, train_cfg, seed_dir: Path, corpus_path: Path, out_dir: Path, *,
+                  checkpoint_dir: Path | None = None, cache_dir: Path | None = None, device: str | None = None,
+                  show_progress: bool = True) -> Path:
+    """The Branch-Train-Merge seed phase: train the seed on every training document for
+    ``cfg.pretrain_tokens`` tokens (rounded up to whole steps of ``train_cfg.tokens_per_step``) with the
+    ``train_cfg`` optimizer settings, validated on every held-out document, and write it to ``out_dir``
+    atomically (save_pretrained + tokenizer + metrics.jsonl + loss.png + expert.json).
+
+    Returns the directory experts branch from: ``out_dir``, or ``seed_dir`` unchanged when
+    ``cfg.pretrain_tokens`` is 0 (nothing is written). Resumable like an expert with ``checkpoint_dir``.
+    """
+    import math
+    from dataclasses import replace
+
+    from experts.data import token_stream, tokenize_corpus
+    from experts.train import _device, _tokenizer, run_training
+
+    if cfg.pretrain_tokens == 0:
+        return Path(seed_dir)
+    device = _device(device or train_cfg.device)
+    steps = math.ceil(cfg.pretrain_tokens / train_cfg.tokens_per_step)
+    train_cfg = replace(train_cfg, steps=steps)
+    tokenizer = _tokenizer(seed_dir)
+    tokens = tokenize_corpus(tokenizer, corpus_path, cache_dir)
+    train = token_stream(tokens, None, None, "train", len(tokenizer), cache_dir)
+    val = token_stream(tokens, None, None, "heldout", len(tokenizer), cache_dir)
+    if len(train) < train_cfg.block_size:
+        raise UserInputError(f"the corpus has {len(train)} training tokens, fewer than one block of "
+                             f"{train_cfg.block_size}: the seed phase needs more text or a smaller train.block_size")
+    run_training(train_cfg, Path(seed_dir), tokenizer, train, val, Path(out_dir), device=device, name="seed phase",
+                 key=(train_cfg.seed, 0), checkpoint_dir=checkpoint_dir, show_progress=show_progress,
+                 extra={"phase": "seed", "train_tokens_available": int(len(train)), "heldout_tokens": int(len(val))})
+    log.info("seed phase: %d steps (%s tokens) on the whole corpus -> %s", steps,
+             f"{steps * train_cfg.tokens_per_step:,}", out_dir)
+    return Path(out_dir)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from cluster.corpus import read_documents
 from ensemble.rundir import UserInputError, atomic_dir
 from experts.config import SeedConfig
 
@@ -33,8 +32,7 @@ def train_tokenizer(cfg: SeedConfig, corpus_path: Path, out_dir: Path) -> Path:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
     else:
-        texts = read_documents(corpus_path, split="train", columns=["text"]).column("text").to_pylist()
-        tokenizer = PreTrainedTokenizerFast(tokenizer_object=_train_bpe(texts, cfg.vocab_size),
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=_train_bpe(corpus_path, cfg.vocab_size),
                                             bos_token=EOS, eos_token=EOS, pad_token=EOS)
     with atomic_dir(out_dir) as tmp:
         tokenizer.save_pretrained(tmp)
@@ -42,7 +40,7 @@ def train_tokenizer(cfg: SeedConfig, corpus_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def _train_bpe(texts: list[str], vocab_size: int):
+def _train_bpe(corpus_path: Path, vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -50,8 +48,17 @@ def _train_bpe(texts: list[str], vocab_size: int):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    tok.train_from_iterator(_train_text_batches(corpus_path), trainer=trainer)
     return tok
+
+
+def _train_text_batches(corpus_path: Path, batch_rows: int = 4096):
+    """Training-split texts in batches (lists of str) streamed from the corpus Parquet: memory stays bounded."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    for batch in pq.ParquetFile(corpus_path).iter_batches(batch_size=batch_rows, columns=["text", "split"]):
+        yield batch.filter(pc.equal(batch.column("split"), "train")).column("text").to_pylist()
 
 
 def load_tokenizer(path: Path):

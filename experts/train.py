@@ -1,4 +1,11 @@
-"""Per-cluster expert training: branch from the seed, train on the cluster's documents only."""
+"""Per-cluster expert training: branch from the seed, train on the cluster's documents only, survive kills.
+
+`train_expert` is the stage; `run_training` is the loop shared with the seed phase (`experts.seed.pretrain_seed`):
+AdamW, linear warmup + cosine decay, gradient accumulation and clipping, bf16 autocast (CPU and CUDA, unless
+``precision="fp32"``), optional `torch.compile`, resumable checkpoints (`experts.checkpoint`), metrics.jsonl
+and a loss-curve PNG. Seeded: on CPU the same config, seed and data give bit-identical weights, also across a
+kill and resume (the data position, optimizer, scheduler and RNG states are all checkpointed).
+"""
 from __future__ import annotations
 
 import contextlib
@@ -6,39 +13,249 @@ import json
 import logging
 import math
 import time
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from ensemble.device import autocast_dtype, resolve_device
 from ensemble.progress import progress
-from ensemble.rundir import UserInputError, atomic_dir
+from ensemble.rundir import UserInputError, atomic_dir, hash_json, hash_path
+from experts.checkpoint import CheckpointStore
 from experts.config import TrainConfig
+from experts.data import BlockSampler, cluster_texts, gather, pack, token_stream, tokenize_corpus  # noqa: F401
 from experts.seed import load_causal_lm
 from experts.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 LOG_EVERY = 10
-MAX_VAL_BLOCKS = 64
+MAX_VAL_BLOCKS = 32  # evenly spread held-out blocks per evaluation: ~3% of training time at eval_every=50
+# Settings that change neither the weights nor the data order: a checkpoint stays valid across them.
+_NOT_IN_FINGERPRINT = ("device", "checkpoint_every", "retries", "eval_every", "compile", "total_tokens",
+                       "budget_split")
 
 
-def cluster_texts(corpus_path: Path, assignments_path: Path, cluster_id: int, split: str) -> list[str]:
-    """Texts of one split ("train" | "heldout") assigned to ``cluster_id``, in corpus order."""
-    assign = pq.read_table(assignments_path, columns=["id", "split", "cluster_id"])
-    mask = pc.and_(pc.equal(assign["cluster_id"], cluster_id), pc.equal(assign["split"], split))
-    wanted = set(assign.filter(mask).column("id").to_pylist())
-    docs = pq.read_table(corpus_path, columns=["id", "text"], filters=[("split", "=", split)])
-    return [t for i, t in zip(docs.column("id").to_pylist(), docs.column("text").to_pylist()) if i in wanted]
+def train_expert(cfg: TrainConfig, seed_dir: Path, corpus_path: Path, assignments_path: Path,
+                 cluster_id: int, out_dir: Path, show_progress: bool = True, *,
+                 checkpoint_dir: Path | None = None, steps: int | None = None, init_dir: Path | None = None,
+                 device: str | None = None, cache_dir: Path | None = None,
+                 on_step: Callable[[int], None] | None = None) -> dict:
+    """Train the expert of ``cluster_id`` from the seed in ``seed_dir``; write it to ``out_dir`` atomically.
+
+    The expert sees only its cluster's training documents (``train_cluster_id`` when the assignments have
+    it, else ``cluster_id``), packed into blocks of ``cfg.block_size`` tokens, and is validated on its
+    cluster's held-out documents. ``steps`` overrides ``cfg.steps`` (the budget's share, 0: skip);
+    ``init_dir`` starts from that model (e.g. the current expert, for ``retrain --continue``) instead of the
+    seed; ``checkpoint_dir`` enables resumable checkpoints every ``cfg.checkpoint_every`` steps (the same call
+    after a kill resumes); ``device`` overrides ``cfg.device`` (one expert per GPU); ``cache_dir`` holds the
+    tokenized corpus; ``on_step(step)`` is called after every optimizer step (tests use it to interrupt).
+
+    Returns the summary also written to ``out_dir/expert.json``: cluster_id, steps, tokens, train_loss,
+    val_loss, seconds, device, tokens_per_s, resumed_from, skipped (False). A cluster with fewer training
+    tokens than one block, or 0 budgeted steps, is skipped with a warning: nothing is written and the summary
+    has skipped=True and a reason (the run should route nothing to it).
+    """
+    device = _device(device or cfg.device)
+    if steps is not None:
+        cfg = replace(cfg, steps=max(int(steps), 1))
+    tokenizer = _tokenizer(seed_dir)
+    tokens = tokenize_corpus(tokenizer, corpus_path, cache_dir)
+    train = token_stream(tokens, assignments_path, cluster_id, "train", len(tokenizer), cache_dir)
+    val = token_stream(tokens, assignments_path, cluster_id, "heldout", len(tokenizer), cache_dir)
+    base = {"cluster_id": cluster_id, "device": device, "train_tokens_available": int(len(train)),
+            "heldout_tokens": int(len(val))}
+    reason = None
+    if len(train) < cfg.block_size:
+        reason = (f"{len(train)} training tokens, fewer than one block of {cfg.block_size}: use fewer clusters "
+                  "or a smaller train.block_size")
+    elif steps == 0:
+        reason = "the compute budget gives it no step"
+    if reason:
+        log.warning("expert %d skipped: %s", cluster_id, reason)
+        return {**base, "skipped": True, "reason": reason, "steps": 0, "tokens": 0, "train_loss": None,
+                "val_loss": None, "seconds": 0.0}
+    if init_dir is not None:
+        _check_same_vocab(Path(init_dir), Path(seed_dir))
+    summary = run_training(cfg, Path(init_dir or seed_dir), tokenizer, train, val, out_dir, device=device,
+                           name=f"expert {cluster_id}", key=(cfg.seed, cluster_id + 1),
+                           checkpoint_dir=checkpoint_dir, show_progress=show_progress, on_step=on_step,
+                           extra={**base, "init": "expert" if init_dir is not None else "seed"})
+    return summary
 
 
-def pack(tokenizer, texts: list[str]) -> np.ndarray:
-    """Token ids (int64 [n_tokens]) of the texts, each followed by the eos separator."""
-    eos = tokenizer.eos_token_id
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-    return np.fromiter((t for doc in ids for t in (*doc, eos)), dtype=np.int64)
+def run_training(cfg: TrainConfig, init_dir: Path, tokenizer, train_tokens: np.ndarray, val_tokens: np.ndarray,
+                 out_dir: Path, *, device: str, name: str, key: tuple[int, ...], checkpoint_dir: Path | None = None,
+                 show_progress: bool = True, on_step: Callable[[int], None] | None = None,
+                 extra: dict | None = None) -> dict:
+    """Train the model in ``init_dir`` for ``cfg.steps`` steps on blocks of ``train_tokens`` (int [n]) and
+    write it, the tokenizer, metrics.jsonl, loss.png and expert.json (the returned summary) to ``out_dir``.
+
+    ``key`` seeds the data order; checkpoints go to ``checkpoint_dir/<fingerprint>`` so a changed config
+    or init model never resumes from another run's state.
+    """
+    import torch
+
+    torch.manual_seed(cfg.seed + key[-1])
+    model = load_causal_lm(init_dir).to(device)
+    fingerprint = hash_json({"cfg": {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_FINGERPRINT},
+                             "init": hash_path(init_dir), "key": key,
+                             "data": [_data_id(train_tokens), _data_id(val_tokens)]})[:16]
+    store = None
+    if checkpoint_dir is not None and cfg.checkpoint_every:
+        store = CheckpointStore(Path(checkpoint_dir) / fingerprint)
+        _warn_other_checkpoints(Path(checkpoint_dir), fingerprint)
+    started = time.perf_counter()
+    state = _train_loop(cfg, model, train_tokens, val_tokens, name=name, key=key, device=device, store=store,
+                        show_progress=show_progress, on_step=on_step)
+    metrics = state.metrics
+    wall = time.perf_counter() - started
+    summary = {**(extra or {}), "steps": cfg.steps, "tokens": cfg.steps * cfg.tokens_per_step,
+               "train_loss": metrics[-1]["train_loss"], "val_loss": metrics[-1]["val_loss"],
+               "seconds": round(state.seconds, 2), "device": device, "skipped": False,
+               "tokens_per_s": round((cfg.steps - state.resumed_from) * cfg.tokens_per_step / max(wall, 1e-9), 1),
+               "resumed_from": state.resumed_from or None,
+               "params": sum(p.numel() for p in model.parameters()), "fingerprint": fingerprint}
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
+        (tmp / "expert.json").write_text(json.dumps(summary, indent=2))
+        plot_metrics(metrics, tmp / "loss.png", title=name)
+    if store is not None:
+        store.clear()
+        with contextlib.suppress(OSError):
+            Path(checkpoint_dir).rmdir()  # only when no other run's checkpoints are left in it
+    log.info("%s: %d steps, train loss %.3f, val loss %s, %.1fs", name, cfg.steps, summary["train_loss"],
+             _fmt(summary["val_loss"]), summary["seconds"])
+    return summary
+
+
+@dataclass
+class _State:
+    """What a checkpoint carries besides tensors: enough to continue the metrics exactly where they were."""
+
+    step: int = 0
+    metrics: list = field(default_factory=list)
+    window_loss: float = 0.0      # sum of micro-batch losses since the last metrics row
+    window_micro: int = 0         # micro-batches in that sum
+    seconds: float = 0.0          # training wall time over every attempt
+    sampler: dict = field(default_factory=dict)
+    resumed_from: int = 0
+
+
+def _train_loop(cfg: TrainConfig, model, train_tokens, val_tokens, *, name, key, device, store,
+                show_progress, on_step) -> _State:
+    """AdamW steps on packed blocks of ``train_tokens``, resuming from ``store``'s newest checkpoint."""
+    import torch
+
+    dtype = autocast_dtype(device, cfg.precision)
+    optimizer, scheduler = _optimizer(cfg, model, device)
+    sampler = BlockSampler(len(train_tokens), cfg.block_size, key)
+    state = _resume(store, model, optimizer, scheduler, sampler, name)
+    forward = torch.compile(model) if cfg.compile else model
+    model.train()
+    window = torch.tensor(state.window_loss, dtype=torch.float32, device=device)
+    clock = _Clock(state.seconds)
+    bar = progress(total=cfg.steps, initial=state.step, desc=name, unit="step", disable=not show_progress)
+    for step in range(state.step, cfg.steps):
+        for _ in range(cfg.grad_accum):
+            batch = torch.from_numpy(gather(train_tokens, sampler.next(cfg.batch_size), cfg.block_size))
+            batch = batch.to(device, non_blocking=True)
+            with _autocast(device, dtype):
+                loss = forward(input_ids=batch, labels=batch).loss
+            (loss if cfg.grad_accum == 1 else loss / cfg.grad_accum).backward()
+            window += loss.detach()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step, state.window_micro = step + 1, state.window_micro + cfg.grad_accum
+        if state.step % LOG_EVERY == 0 or state.step % cfg.eval_every == 0 or state.step == cfg.steps:
+            row = _metrics_row(cfg, state, float(window), clock.lap(), scheduler.get_last_lr()[0], name)
+            if state.step % cfg.eval_every == 0 or state.step == cfg.steps:
+                since = time.perf_counter()
+                row["val_loss"] = evaluate(model, val_tokens, cfg.block_size, device, dtype)
+                clock.exclude(since)  # tokens/s measures training, not evaluation
+            state.metrics.append(row)
+            window.zero_()
+            state.window_micro = 0
+            _append_live(store, row)
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}", refresh=False)
+        if store is not None and (state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps):
+            _checkpoint(store, model, optimizer, scheduler, sampler, state, float(window), clock, name)
+        bar.update(1)
+        if on_step is not None:
+            on_step(state.step)
+    bar.close()
+    state.seconds = clock.total()
+    return state
+
+
+def _optimizer(cfg: TrainConfig, model, device: str):
+    import torch
+
+    # fused AdamW is one kernel per step on CUDA; on CPU the default (foreach) is the fastest measured.
+    fused = {"fused": True} if device.startswith("cuda") else {}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  betas=(0.9, 0.95), **fused)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    return optimizer, scheduler
+
+
+def _resume(store, model, optimizer, scheduler, sampler: BlockSampler, name: str) -> _State:
+    """The saved `_State` of the newest loadable checkpoint (restoring every tensor and RNG), or a fresh one."""
+    restored = store.load_latest(model, optimizer, scheduler) if store is not None else None
+    if restored is None:
+        return _State()
+    state = _State(**restored["state"])
+    state.resumed_from = restored["step"]
+    sampler.load_state_dict(state.sampler)
+    _rewrite_live(store, state.metrics)
+    log.info("%s: resumed from the checkpoint of step %d", name, state.step)
+    return state
+
+
+def _checkpoint(store, model, optimizer, scheduler, sampler, state: _State, window: float, clock, name) -> None:
+    if not math.isfinite(window):
+        raise FloatingPointError(f"{name}: training loss is {window} at step {state.step}; not checkpointing it "
+                                 "(lower train.lr or raise train.warmup_steps)")
+    state.window_loss, state.sampler, state.seconds = window, sampler.state_dict(), clock.total()
+    saved = {k: v for k, v in asdict(state).items() if k != "resumed_from"}
+    since = time.perf_counter()
+    store.save(state.step, model, optimizer, scheduler, saved)
+    clock.exclude(since)  # the checkpoint write is not training throughput either
+
+
+def _metrics_row(cfg: TrainConfig, state: _State, window: float, seconds: float, lr: float, name: str) -> dict:
+    """One metrics.jsonl row: step, tokens, train_loss (mean since the previous row), val_loss, lr, tokens_per_s."""
+    loss = window / max(state.window_micro, 1)
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"{name}: training loss is {loss} at step {state.step} "
+                                 "(lower train.lr or raise train.warmup_steps)")
+    tokens = state.window_micro * cfg.batch_size * cfg.block_size
+    return {"step": state.step, "tokens": state.step * cfg.tokens_per_step, "train_loss": round(loss, 4),
+            "val_loss": None, "lr": lr, "tokens_per_s": round(tokens / max(seconds, 1e-9), 1)}
+
+
+class _Clock:
+    """Training wall time in laps, minus the time spent in `exclude`d work (evaluation, checkpoint writes)."""
+
+    def __init__(self, previous: float = 0.0):
+        self._previous, self._start = previous, time.perf_counter()
+        self._lap, self._excluded = self._start, 0.0
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        seconds, self._lap, self._excluded = now - self._lap - self._excluded, now, 0.0
+        return seconds
+
+    def exclude(self, since: float) -> None:
+        self._excluded += time.perf_counter() - since
+
+    def total(self) -> float:
+        return self._previous + time.perf_counter() - self._start
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -49,24 +266,27 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * done))
 
 
-def evaluate(model, tokens: np.ndarray, block_size: int, device: str, dtype) -> float | None:
-    """Mean next-token loss over non-overlapping blocks of ``tokens`` (None if fewer than 2 tokens)."""
+def evaluate(model, tokens: np.ndarray, block_size: int, device: str, dtype,
+             max_blocks: int = MAX_VAL_BLOCKS) -> float | None:
+    """Mean next-token loss over at most ``max_blocks`` non-overlapping blocks spread evenly over ``tokens``
+    (int [n]); None if fewer than 2 tokens."""
     import torch
 
     if len(tokens) < 2:
         return None
     size = min(block_size, len(tokens))
-    n_blocks = min(MAX_VAL_BLOCKS, len(tokens) // size)
-    blocks = torch.from_numpy(tokens[: n_blocks * size].reshape(n_blocks, size)).to(device)
+    n_all = len(tokens) // size
+    starts = np.unique(np.linspace(0, n_all - 1, min(max_blocks, n_all)).round().astype(np.int64)) * size
+    blocks = torch.from_numpy(gather(tokens, starts, size)).to(device)
+    was_training = model.training
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad(), _autocast(device, dtype):
-        for start in range(0, n_blocks, 16):
+        for start in range(0, len(blocks), 16):
             batch = blocks[start:start + 16]
-            loss = model(input_ids=batch, labels=batch).loss
-            total += float(loss) * len(batch)
+            total += float(model(input_ids=batch, labels=batch).loss) * len(batch)
             count += len(batch)
-    model.train()
+    model.train(was_training)
     return total / count
 
 
@@ -78,79 +298,89 @@ def _autocast(device: str, dtype):
     return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
 
 
-def train_expert(cfg: TrainConfig, seed_dir: Path, corpus_path: Path, assignments_path: Path,
-                 cluster_id: int, out_dir: Path, show_progress: bool = True) -> dict:
-    """Train the expert of ``cluster_id`` from the seed in ``seed_dir``; write it to ``out_dir`` atomically.
-
-    The expert sees only its cluster's training documents, packed into blocks of ``cfg.block_size`` tokens
-    sampled at random offsets (seeded), and is validated on its cluster's held-out documents. Returns the
-    summary also written to ``out_dir/expert.json`` (steps, tokens, final train/val loss, seconds).
-    """
+def training_devices(device: str = "auto") -> list[str]:
+    """Devices to train experts on at once, one expert each: every visible GPU for "auto"/"cuda", else
+    ``[device]`` (on CPU one expert at a time, using every core)."""
     import torch
 
-    device = resolve_device(cfg.device)
-    tokenizer = load_tokenizer(seed_dir)
-    train_tokens = pack(tokenizer, cluster_texts(corpus_path, assignments_path, cluster_id, "train"))
-    val_tokens = pack(tokenizer, cluster_texts(corpus_path, assignments_path, cluster_id, "heldout"))
-    if len(train_tokens) < cfg.block_size + 1:
-        raise UserInputError(f"cluster {cluster_id} has {len(train_tokens)} training tokens, fewer than one block "
-                             f"of {cfg.block_size}: use fewer clusters or a smaller train.block_size")
-    torch.manual_seed(cfg.seed + cluster_id)
-    model = load_causal_lm(seed_dir).to(device)
-    started = time.perf_counter()
-    metrics = _train_loop(cfg, model, train_tokens, val_tokens, cluster_id, device, show_progress)
-    summary = {"cluster_id": cluster_id, "steps": cfg.steps, "tokens": cfg.steps * cfg.batch_size * cfg.block_size,
-               "train_tokens_available": int(len(train_tokens)), "heldout_tokens": int(len(val_tokens)),
-               "train_loss": metrics[-1]["train_loss"], "val_loss": metrics[-1]["val_loss"],
-               "seconds": round(time.perf_counter() - started, 2), "device": device}
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
-        (tmp / "expert.json").write_text(json.dumps(summary, indent=2))
-    log.info("expert %d: %d steps, train loss %.3f, val loss %s, %.1fs", cluster_id, cfg.steps,
-             summary["train_loss"], _fmt(summary["val_loss"]), summary["seconds"])
-    return summary
+    resolved = _device(device)
+    if resolved in ("cuda",) and torch.cuda.device_count() > 1:
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return [resolved]
 
 
-def _train_loop(cfg: TrainConfig, model, train_tokens: np.ndarray, val_tokens: np.ndarray, cluster_id: int,
-                device: str, show_progress: bool) -> list[dict]:
-    """AdamW steps on random blocks of ``train_tokens``; returns the metrics rows (one per LOG_EVERY steps)."""
-    import torch
+def plot_metrics(metrics: list[dict], path: Path, title: str = "") -> Path:
+    """Loss curve PNG: train loss (line) and held-out loss (dots) against training tokens."""
+    from matplotlib.figure import Figure  # no pyplot: its global state is not safe across training threads
 
-    dtype = autocast_dtype(device, cfg.precision)
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + cluster_id)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    data, offsets = torch.from_numpy(train_tokens), torch.arange(cfg.block_size)
-    metrics, window_loss, window_steps, window_start = [], 0.0, 0, time.perf_counter()
-    bar = progress(range(cfg.steps), desc=f"expert {cluster_id}", unit="step", disable=not show_progress)
-    for step in bar:
-        starts = torch.randint(0, len(data) - cfg.block_size + 1, (cfg.batch_size,), generator=gen)
-        batch = data[starts[:, None] + offsets].to(device)
-        with _autocast(device, dtype):
-            loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        window_loss += float(loss.detach())
-        window_steps += 1
-        done = step + 1
-        if done % LOG_EVERY and done != cfg.steps and done % cfg.eval_every:
-            continue
-        tok_s = window_steps * cfg.batch_size * cfg.block_size / max(time.perf_counter() - window_start, 1e-9)
-        evaluate_now = done % cfg.eval_every == 0 or done == cfg.steps
-        metrics.append({"step": done, "tokens": done * cfg.batch_size * cfg.block_size,
-                        "train_loss": round(window_loss / window_steps, 4),
-                        "val_loss": evaluate(model, val_tokens, cfg.block_size, device, dtype) if evaluate_now else None,
-                        "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(tok_s, 1)})
-        bar.set_postfix(loss=f"{metrics[-1]['train_loss']:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-        window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-    bar.close()
-    return metrics
+    fig = Figure(figsize=(5, 3.2))
+    ax = fig.subplots()
+    ax.plot([r["tokens"] for r in metrics], [r["train_loss"] for r in metrics], label="train")
+    val = [(r["tokens"], r["val_loss"]) for r in metrics if r.get("val_loss") is not None]
+    if val:
+        ax.plot(*zip(*val), "o", label="held-out")
+    ax.set(xlabel="training tokens", ylabel="loss (nats/token)", title=title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    return path
+
+
+def _device(name: str) -> str:
+    try:
+        return resolve_device(name)
+    except ValueError as exc:
+        raise UserInputError(str(exc)) from exc
+
+
+def _tokenizer(seed_dir: Path):
+    if not Path(seed_dir).is_dir():
+        raise UserInputError(f"seed directory {seed_dir} does not exist: build the seed first (cbtm run)")
+    try:
+        return load_tokenizer(seed_dir)
+    except Exception as exc:
+        raise UserInputError(f"cannot load the tokenizer in {seed_dir} ({type(exc).__name__}): "
+                             "rebuild the seed") from exc
+
+
+def _check_same_vocab(init_dir: Path, seed_dir: Path) -> None:
+    vocab = {}
+    for where in (init_dir, seed_dir):
+        try:
+            vocab[where] = json.loads((where / "config.json").read_text())["vocab_size"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise UserInputError(f"{where} is not a trained model directory (no readable config.json): "
+                                 "retrain from the seed instead") from exc
+    if vocab[init_dir] != vocab[seed_dir]:
+        raise UserInputError(f"{init_dir} has a vocabulary of {vocab[init_dir]}, the seed {vocab[seed_dir]}: "
+                             "every expert must share the seed's tokenizer; retrain from the seed instead")
+
+
+def _data_id(tokens: np.ndarray) -> str:
+    filename = getattr(tokens, "filename", None)  # a cached stream's name already encodes its content
+    if filename:
+        return Path(filename).name
+    return hash_json([len(tokens), np.asarray(tokens[:4096]).tolist(), np.asarray(tokens[-4096:]).tolist()])
+
+
+def _warn_other_checkpoints(checkpoint_dir: Path, fingerprint: str) -> None:
+    others = [p.name for p in checkpoint_dir.iterdir() if p.is_dir() and p.name != fingerprint] \
+        if checkpoint_dir.is_dir() else []
+    if others:
+        log.warning("ignoring checkpoints of other settings in %s (%s); delete them to free the space",
+                    checkpoint_dir, ", ".join(others))
+
+
+def _append_live(store, row: dict) -> None:
+    """Metrics while training, in the checkpoint directory: `tail -f` them during a long run."""
+    if store is not None:
+        store.root.mkdir(parents=True, exist_ok=True)
+        with open(store.root / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+def _rewrite_live(store, rows: list[dict]) -> None:
+    (store.root / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _fmt(x: float | None) -> str:

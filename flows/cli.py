@@ -16,6 +16,7 @@ from ensemble.rundir import STAGES, UserInputError
 
 log = logging.getLogger("cbtm")
 PACKAGE_LOGGERS = ("cbtm", "cluster", "experts", "ensemble", "flows")
+AUTO_K = [2, 4, 8, 16, 32]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,15 +33,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--corpus", metavar="PATH", help="JSONL(.gz)/Parquet/CSV file or a directory of them "
                      "(default: the demo corpus data/demo)")
     run.add_argument("--text-field", metavar="NAME", help="the field holding each document's text (default: text)")
-    run.add_argument("--clusters", metavar="K", type=int, help="number of clusters = experts (default: 6)")
+    run.add_argument("--clusters", metavar="K", help="number of clusters = experts (default: 6), or auto: "
+                     "the best silhouette among 2,4,8,16,32 (see `cbtm clusters choose-k`)")
     run.add_argument("--out", metavar="DIR", help="run directory (default: runs/demo, or runs/<corpus name>)")
     run.add_argument("--until", metavar="STAGE", choices=STAGES, default="assemble",
                      help=f"stop after this stage: {', '.join(STAGES)} (default: assemble)")
     run.add_argument("--force", metavar="STAGE", action="append", choices=STAGES, default=[],
                      help="re-run this stage even if it is up to date (repeatable)")
     run.add_argument("--runner", metavar="SPEC", default="thread",
-                     help="Prefect task runner: thread (default) or process (one API server is started "
-                     "for the worker processes)")
+                     help="Prefect task runner: thread (default), process, ray, ray=ADDRESS, dask, dask=ADDRESS "
+                     "(for process/ray/dask one API server is started and shared by the workers)")
     run.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
                      help="override one config value, e.g. --set train.steps=300 (repeatable)")
 
@@ -50,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     retrain.add_argument("run_dir", metavar="RUN", help="a finished run directory")
     retrain.add_argument("--cluster", metavar="I", type=int, action="append", required=True,
                          help="cluster id whose expert is retrained (repeatable)")
+    retrain.add_argument("--runner", metavar="SPEC", default="thread", help="task runner, as for `cbtm run`")
+    retrain.add_argument("--continue", dest="from_current", action="store_true",
+                         help="continue training the current expert instead of starting again from the seed")
 
     query = sub.add_parser("query", help="route a prompt and print the ensemble's completion",
                            description="Print the routing weights of PROMPT and the top-k ensemble's completion.")
@@ -63,6 +68,17 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     query.add_argument("--reroute-every", metavar="N", type=int, default=None,
                        help="re-embed the growing context every N tokens and update the weights")
+
+    clusters = sub.add_parser("clusters", help="inspect the clustering of a run (choose-k)",
+                              description="Clustering tools; `cbtm clusters choose-k RUN --k 2,4,8` scores k.")
+    csub = clusters.add_subparsers(dest="clusters_command", required=True, metavar="TOOL")
+    ck = csub.add_parser("choose-k", help="inertia and sampled silhouette for several k, with a plot",
+                         description="Fit spherical k-means for every k on the run's embedded training sample; "
+                         "print inertia and silhouette, write RUN/choose_k/choose_k.json and choose_k.png.")
+    ck.add_argument("run_dir", metavar="RUN", help="a run directory embedded at least (cbtm run --until embed)")
+    ck.add_argument("--k", default=",".join(map(str, AUTO_K)), help="comma-separated k (default: 2,4,8,16,32)")
+    ck.add_argument("--sample-size", type=int, default=100_000, help="documents fitted per k (default: 100000)")
+    ck.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
 
     tune = sub.add_parser("tune-temperature", help="pick the routing temperature by held-out perplexity",
                           description="Score the held-out split at every temperature of the grid (the experts run "
@@ -127,8 +143,12 @@ def _pipeline_config(args):
         overrides.append(f"corpus.path={_toml_str(args.corpus)}")
     if args.text_field:
         overrides.append(f"corpus.text_field={_toml_str(args.text_field)}")
-    if args.clusters is not None:
-        overrides.append(f"cluster.n_clusters={args.clusters}")
+    if args.clusters == "auto":
+        overrides.append(f"cluster.auto_k={AUTO_K}")
+    elif args.clusters is not None:
+        if not args.clusters.lstrip("-").isdigit():
+            raise UserInputError(f"--clusters {args.clusters!r} must be a whole number or auto")
+        overrides.append(f"cluster.n_clusters={int(args.clusters)}")
     cfg = cfg.with_overrides(overrides)
     corpus = Path(cfg.corpus.path)
     if not args.corpus and str(corpus) == "data/demo" and not corpus.exists():
@@ -153,7 +173,7 @@ def cmd_run(args) -> int:
     runner = task_runner(args.runner)
     from cluster.corpus import check_corpus
 
-    check_corpus(cfg.corpus, min_documents=cfg.cluster.n_clusters)  # before a server starts for nothing
+    check_corpus(cfg.corpus, min_documents=min(cfg.cluster.auto_k or [cfg.cluster.n_clusters]))  # before a server starts for nothing
     from flows.pipeline import build
     from flows.runners import shared_api_server
 
@@ -161,7 +181,8 @@ def cmd_run(args) -> int:
     existed = out.exists()
     try:
         with shared_api_server(args.runner):
-            summary = build.with_options(task_runner=runner)(cfg.to_dict(), str(out), args.until, args.force)
+            summary = build.with_options(task_runner=runner)(cfg.to_dict(), str(out), args.until, args.force,
+                                                             args.runner)
     except UserInputError:
         if not existed:  # bad input leaves no run directory behind
             shutil.rmtree(out, ignore_errors=True)
@@ -191,6 +212,9 @@ def _print_summary(summary: dict) -> None:
     if summary["experts"]:
         print("Experts (held-out loss, nats/token):")
         for cid, e in sorted(summary["experts"].items(), key=lambda kv: int(kv[0])):
+            if e.get("skipped"):
+                print(f"  {cid:>3}  skipped ({e.get('reason')}): routing excludes it")
+                continue
             val = "n/a" if e["val_loss"] is None else f"{e['val_loss']:.3f}"
             print(f"  {cid:>3}  val {val}  train {e['train_loss']:.3f}  {e['path']}")
     print(f"Run directory: {summary['run_dir']}" + ("  (report.md)" if summary["done"] else ""))
@@ -200,9 +224,13 @@ def _print_summary(summary: dict) -> None:
 
 def cmd_retrain(args) -> int:
     from flows.pipeline import retrain
+    from flows.runners import shared_api_server, task_runner
 
+    runner = task_runner(args.runner)
     _quiet_prefect(args.verbose)
-    summary = retrain(str(args.run_dir), sorted(set(args.cluster)))
+    with shared_api_server(args.runner):
+        summary = retrain.with_options(task_runner=runner)(str(args.run_dir), sorted(set(args.cluster)), args.runner,
+                                                           args.from_current)
     _print_summary(summary)
     return 0
 
@@ -275,8 +303,30 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_clusters(args) -> int:
+    from cluster.choose_k import choose_k
+    from ensemble.rundir import RunDir
+
+    run = RunDir(args.run_dir)
+    manifest = run.read_manifest()
+    if "embed" not in manifest.stages:
+        raise UserInputError(f"run {run.root} has no embeddings yet: run `cbtm run --out {run.root} --until embed`")
+    try:
+        ks = sorted({int(k) for k in args.k.split(",") if k.strip()})
+    except ValueError as exc:
+        raise UserInputError(f"--k {args.k!r} must be comma-separated whole numbers, e.g. 2,4,8") from exc
+    result = choose_k(run.embeddings_dir, run.corpus_path, ks, args.sample_size, args.seed, run.root / "choose_k")
+    print(f"{'k':>4} {'inertia':>10} {'silhouette':>11}")
+    for row in result["results"]:
+        sil = "n/a" if row["silhouette"] is None else f"{row['silhouette']:.4f}"
+        print(f"{row['k']:>4} {row['inertia']:>10.4f} {sil:>11}" + ("  <- best" if row["k"] == result["best_k"] else ""))
+    print(f"Plot: {run.root / 'choose_k' / 'choose_k.png'}; use it with `cbtm run --clusters K` "
+          "(or --clusters auto)")
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "retrain": cmd_retrain, "query": cmd_query, "eval": cmd_eval,
-            "tune-temperature": cmd_tune_temperature}
+            "tune-temperature": cmd_tune_temperature, "clusters": cmd_clusters}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,27 +1,100 @@
-"""Task runners from a `--runner` spec, and one shared Prefect API server for runners that start processes."""
+"""Task runners from a `--runner` spec, and one shared Prefect API server for runners that start processes.
+
+Specs: ``thread`` (default), ``process``, ``ray`` (a local Ray), ``ray=ADDRESS``, ``dask`` (a local Dask
+cluster), ``dask=ADDRESS``.
+"""
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import socket
 from typing import Iterator
+from urllib.parse import urlparse
 
 from ensemble.rundir import UserInputError
 
 log = logging.getLogger("cbtm")
 
-RUNNERS = ("thread", "process")
+KINDS = ("thread", "process", "ray", "dask")
+RAY_OBJECT_STORE_BYTES = 256 * 1024**2  # experts and shards move as files: Ray's object store stays small
+
+
+def parse_spec(spec: str) -> tuple[str, str | None]:
+    """``"ray=host:port"`` -> ("ray", "host:port"); raises UserInputError for an unknown kind."""
+    kind, _, address = spec.partition("=")
+    if kind not in KINDS or (address == "" and "=" in spec) or (address and kind in ("thread", "process")):
+        raise UserInputError(f"unknown runner {spec!r}: use thread, process, ray, ray=ADDRESS, dask or dask=ADDRESS")
+    return kind, address or None
+
+
+def check_reachable(kind: str, address: str, timeout: float = 3.0) -> None:
+    """Fail within seconds, naming the address, when nothing listens there."""
+    if address == "auto":
+        return
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    default_port = {"ray": 10001 if address.startswith("ray://") else 6379, "dask": 8786}[kind]
+    host, port = parsed.hostname, parsed.port or default_port
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return
+    except OSError as exc:
+        raise UserInputError(f"{kind} cluster at {address} is unreachable ({exc.strerror or exc}): start it or "
+                             "check the address") from exc
 
 
 def task_runner(spec: str):
-    """The Prefect task runner for ``spec`` (thread | process)."""
-    from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+    """The Prefect task runner for a ``--runner`` spec."""
+    kind, address = parse_spec(spec)
+    if address:
+        check_reachable(kind, address)
+    if kind == "thread":
+        from prefect.task_runners import ThreadPoolTaskRunner
 
-    if spec == "thread":
         return ThreadPoolTaskRunner()
-    if spec == "process":
+    if kind == "process":
+        from prefect.task_runners import ProcessPoolTaskRunner
+
         return ProcessPoolTaskRunner()
-    raise UserInputError(f"unknown runner {spec!r}: use one of {', '.join(RUNNERS)}")
+    if kind == "ray":
+        try:
+            from prefect_ray import RayTaskRunner
+        except ImportError as exc:
+            raise UserInputError("the ray runner needs the ray extra: pip install 'cbtm[ray]'") from exc
+        init = {"include_dashboard": False, "object_store_memory": RAY_OBJECT_STORE_BYTES, "log_to_driver": False}
+        return RayTaskRunner(address=address, init_kwargs={} if address else init)
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError as exc:
+        raise UserInputError("the dask runner needs prefect-dask: pip install prefect-dask") from exc
+    return DaskTaskRunner(address=address) if address else DaskTaskRunner(
+        cluster_kwargs={"n_workers": 1, "threads_per_worker": 1, "processes": True, "dashboard_address": None})
+
+
+def is_remote(spec: str) -> bool:
+    """True when tasks run on other machines (experts may then train concurrently on CPU too)."""
+    return parse_spec(spec)[1] is not None
+
+
+@contextlib.contextmanager
+def expert_task_options(spec: str) -> Iterator[None]:
+    """Resources for one expert task: one GPU on a Ray cluster that has GPUs, nothing otherwise.
+
+    Asking Ray for a GPU that no node has would leave the task pending forever, so the cluster's resources
+    are checked first.
+    """
+    if parse_spec(spec)[0] != "ray":
+        yield
+        return
+    import ray
+    from prefect_ray.context import remote_options
+
+    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+    if gpus >= 1:
+        with remote_options(num_gpus=1):
+            yield
+    else:
+        yield
 
 
 @contextlib.contextmanager
@@ -31,7 +104,7 @@ def shared_api_server(spec: str) -> Iterator[None]:
     Without it every worker process would start its own temporary server (seconds and ~150 MB each).
     Nothing is started for the thread runner or when PREFECT_API_URL is already set.
     """
-    if spec == "thread" or os.environ.get("PREFECT_API_URL"):
+    if parse_spec(spec)[0] == "thread" or os.environ.get("PREFECT_API_URL"):
         yield
         return
     from prefect.server.api.server import SubprocessASGIServer
@@ -40,7 +113,7 @@ def shared_api_server(spec: str) -> Iterator[None]:
     server = SubprocessASGIServer()
     server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")))
     os.environ["PREFECT_API_URL"] = server.api_url
-    log.info("prefect API server for %s workers: %s", spec, server.api_url)
+    log.info("prefect API server for the %s workers: %s", spec, server.api_url)
     try:
         with temporary_settings({PREFECT_API_URL: server.api_url}):
             yield

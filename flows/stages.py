@@ -17,26 +17,38 @@ from flows.config import PipelineConfig
 
 log = logging.getLogger("cbtm")
 
+# Settings that change where, how fast or how safely work runs, never what it computes.
+NOT_HASHED = {"device", "retries", "checkpoint_every", "eval_every", "compile", "pretrain_tokens"}
+
+
 def section_hash(section) -> dict:
-    """A config section as hashed: ``device`` changes where work runs, not what it computes."""
-    return {k: v for k, v in dataclasses.asdict(section).items() if k != "device"}
+    """A config section as hashed for its stage (without the NOT_HASHED settings)."""
+    return {k: v for k, v in dataclasses.asdict(section).items() if k not in NOT_HASHED}
 
 
-def stage_inputs(cfg: PipelineConfig, manifest: Manifest, stage: str, cluster_id: int | None = None) -> str:
+def stage_inputs(cfg: PipelineConfig, manifest: Manifest, stage: str, cluster_id: int | None = None,
+                 steps: int | None = None) -> str:
     """Content hash of everything ``stage`` depends on: its config section and its inputs' output hashes."""
     up = lambda name: (manifest.stages.get(name) or {}).get("outputs")  # noqa: E731
     if stage == "ingest":
         return hash_json({"cfg": section_hash(cfg.corpus), "data": hash_path(Path(cfg.corpus.path))})
     if stage == "embed":
         return hash_json({"cfg": section_hash(cfg.embed), "ingest": up("ingest")})
+    if stage == "choose_k":
+        return hash_json({"k": cfg.cluster.auto_k, "sample": cfg.cluster.sample_size, "seed": cfg.cluster.seed,
+                          "embed": up("embed")})
     if stage == "cluster":
-        return hash_json({"cfg": section_hash(cfg.cluster), "embed": up("embed")})
+        return hash_json({"cfg": section_hash(cfg.cluster), "embed": up("embed"),
+                          "label_field": cfg.corpus.label_field})
     if stage in ("tokenizer", "seed"):
         prev = up("ingest") if stage == "tokenizer" else up("tokenizer")
         return hash_json({"cfg": section_hash(cfg.seed), "up": prev})
+    if stage == "pretrain":
+        return hash_json({"tokens": cfg.seed.pretrain_tokens, "train": section_hash(cfg.train), "seed": up("seed")})
     if stage == "expert":
         return hash_json({"cfg": section_hash(cfg.train), "seed": up("seed"), "cluster": up("cluster"),
-                          "ingest": up("ingest"), "cluster_id": cluster_id})
+                          "pretrain": up("pretrain") if cfg.seed.pretrain_tokens else None,
+                          "ingest": up("ingest"), "cluster_id": cluster_id, "steps": steps})
     if stage == "train":
         return hash_json({cid: e.get("inputs") for cid, e in sorted(manifest.experts.items())})
     if stage == "assemble":
@@ -46,6 +58,7 @@ def stage_inputs(cfg: PipelineConfig, manifest: Manifest, stage: str, cluster_id
 
 STAGE_OUTPUTS: dict[str, Callable[[RunDir], Path]] = {
     "ingest": lambda r: r.corpus_path, "embed": lambda r: r.embeddings_dir, "cluster": lambda r: r.clusters_dir,
+    "choose_k": lambda r: r.root / "choose_k", "pretrain": lambda r: r.root / "pretrained",
     "tokenizer": lambda r: r.tokenizer_dir, "seed": lambda r: r.seed_dir, "assemble": lambda r: r.report_path,
 }
 
@@ -61,6 +74,8 @@ def expert_is_current(run: RunDir, manifest: Manifest, cluster_id: int, inputs: 
     entry = manifest.experts.get(str(cluster_id))
     if not entry or entry.get("inputs") != inputs:
         return False
+    if entry.get("skipped"):
+        return True  # too little data for one block: nothing to train with these inputs
     return hash_path(run.expert_dir(cluster_id)) == entry.get("hash")
 
 
@@ -82,9 +97,16 @@ def run_stage(run: RunDir, manifest: Manifest, stage: str, inputs: str, work: Ca
 
 
 def record_expert(run: RunDir, manifest: Manifest, cluster_id: int, inputs: str, summary: dict) -> None:
-    """Enter a trained expert in the manifest's cluster id -> expert table."""
-    keep = ("steps", "tokens", "train_loss", "val_loss", "seconds", "device")
+    """Enter a trained (or skipped) expert in the manifest's cluster id -> expert table.
+
+    A skipped expert (its cluster had too few tokens for one block) has no files; routing excludes it.
+    """
+    keep = ("steps", "tokens", "train_loss", "val_loss", "seconds", "device", "tokens_per_s", "resumed_from")
+    skipped = bool(summary.get("skipped"))
     manifest.experts[str(cluster_id)] = {
         "path": run.expert_dir(cluster_id).relative_to(run.root).as_posix(), "inputs": inputs,
-        "hash": hash_path(run.expert_dir(cluster_id)), **{k: summary.get(k) for k in keep}}
+        "hash": None if skipped else hash_path(run.expert_dir(cluster_id)), "skipped": skipped,
+        **({"reason": summary.get("reason")} if skipped else {}), **{k: summary.get(k) for k in keep}}
+    if skipped:
+        shutil.rmtree(run.expert_dir(cluster_id), ignore_errors=True)  # an older expert must not be served
     run.write_manifest(manifest)

@@ -71,3 +71,96 @@ def test_bad_corpus_is_one_clear_error_and_leaves_nothing(tmp_path, case):
     assert expected in message
     assert not out.exists()
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+
+
+def _counts(out):
+    return json.loads(out.with_name("ingest.json").read_text())["counts"]
+
+
+def test_txt_directory_is_one_document_per_file_with_relative_path_ids(tmp_path):
+    root = tmp_path / "txt"
+    records = demo_records(3)
+    for i, rec in enumerate(records):
+        path = root / rec["domain"] / f"{i}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(rec["text"] + "\n", encoding="utf-8")
+    (root / "latin1.txt").write_bytes("Caf\xe9 cr\xe8me br\xfbl\xe9e, a long enough document".encode("latin-1"))
+    (root / ".hidden.txt").write_text("a hidden file is not a document of the corpus")
+    out = ingest_corpus(CorpusConfig(path=str(root)), tmp_path / "docs.parquet")
+    docs = read_documents(out)
+    assert sorted(docs.column("id").to_pylist()) == sorted(f"{r['domain']}/{i}.txt" for i, r in enumerate(records))
+    assert sorted(docs.column("text").to_pylist()) == sorted(r["text"] for r in records)
+    counts = _counts(out)
+    assert counts["undecodable"] == 1 and counts["read"] == len(records) + 1 and counts["kept"] == len(records)
+
+
+def test_save_to_disk_dataset_and_dataset_dict_are_read(tmp_path):
+    import datasets
+
+    records = demo_records(4)
+    ds = datasets.Dataset.from_list([{"body": r["text"], "domain": r["domain"], "key": r["id"]} for r in records])
+    ds.save_to_disk(str(tmp_path / "saved"))
+    out = ingest_corpus(CorpusConfig(path=str(tmp_path / "saved"), text_field="body", id_field="key"),
+                        tmp_path / "a.parquet")
+    docs = read_documents(out)
+    assert sorted(docs.column("id").to_pylist()) == sorted(r["id"] for r in records)
+    assert "domain" in docs.column_names and _counts(out)["kept"] == len(records)
+    datasets.DatasetDict({"train": ds, "test": ds.select(range(2))}).save_to_disk(str(tmp_path / "dict"))
+    out = ingest_corpus(CorpusConfig(path=str(tmp_path / "dict"), text_field="body"), tmp_path / "b.parquet")
+    assert read_documents(out).num_rows == len(records)  # the "train" split only
+
+
+def test_hub_dataset_offline_is_one_clear_error(tmp_path):
+    out = tmp_path / "docs.parquet"
+    with pytest.raises(UserInputError) as err:
+        ingest_corpus(CorpusConfig(path="hf:no-such-org/no-such-dataset:default"), out)
+    message = str(err.value)
+    assert "\n" not in message and "no-such-org/no-such-dataset" in message and "save_to_disk" in message
+    assert not out.exists() and not out.with_name("ingest.json").exists()
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "jsonl.gz", "csv"])
+def test_undecodable_documents_are_skipped_and_counted(tmp_path, fmt):
+    records = [{"text": r["text"], "domain": r["domain"]} for r in demo_records(3)]
+    if fmt == "csv":
+        import pandas as pd
+
+        good = pd.DataFrame(records).to_csv(index=False).encode("utf-8")
+        header, body = good.split(b"\n", 1)
+        bad = b'"Two lines, the second \xff\xfe\nnot UTF-8 at all, but quoted",cooking\n'
+        data = header + b"\n" + bad + body + b'"A quoted field\nwith a newline that decodes fine",astronomy\n'
+        expected = len(records) + 1
+    else:
+        lines = [json.dumps(r).encode("utf-8") for r in records]
+        bad = b'{"text": "Caf\xe9 in Latin-1 bytes, long enough to keep", "domain": "x"}'
+        data = b"\n".join(lines[:2] + [bad] + lines[2:]) + b"\n"
+        expected = len(records)
+    path = tmp_path / f"c.{fmt}"
+    path.write_bytes(gzip.compress(data) if fmt.endswith(".gz") else data)
+    out = ingest_corpus(CorpusConfig(path=str(path)), tmp_path / "docs.parquet")
+    assert read_documents(out).num_rows == expected
+    counts = _counts(out)
+    assert counts["undecodable"] == 1 and counts["kept"] == expected and counts["read"] == expected + 1
+    assert not any("\ufffd" in t for t in read_documents(out).column("text").to_pylist())
+
+
+@pytest.mark.parametrize("case", ["only_undecodable", "single_txt", "no_id_field"])
+def test_more_bad_input_is_one_clear_error(tmp_path, case):
+    path = tmp_path / "c.jsonl"
+    cfg = {}
+    if case == "only_undecodable":
+        path.write_bytes(b'{"text": "\xff\xfe\xfd long enough but not UTF-8"}\n')
+    elif case == "single_txt":
+        path = tmp_path / "one.txt"
+        path.write_text("one long enough document in a single file")
+    else:
+        write_jsonl(path, [{"text": "some long enough text here", "key": "a"}])
+        cfg = {"id_field": "uid"}
+    out = tmp_path / "out" / "docs.parquet"
+    with pytest.raises(UserInputError) as err:
+        ingest_corpus(CorpusConfig(path=str(path), **cfg), out)
+    expected = {"only_undecodable": "empty after cleaning (1 documents with undecodable bytes)",
+                "single_txt": "pass the directory of .txt files",
+                "no_id_field": "no id field 'uid'; its fields are text, key"}[case]
+    assert expected in str(err.value) and "\n" not in str(err.value)
+    assert not out.parent.exists() or not list(out.parent.iterdir())

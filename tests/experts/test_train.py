@@ -4,34 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.config import CorpusConfig
-from cluster.corpus import ingest_corpus, read_documents
 from ensemble.rundir import UserInputError
 from experts.config import SeedConfig, TrainConfig
-from experts.seed import build_seed, load_causal_lm
-from experts.tokenizer import load_tokenizer, train_tokenizer
+from experts.seed import load_causal_lm
+from experts.tokenizer import load_tokenizer
 from experts.train import evaluate, lr_factor, pack, train_expert
-from tests.conftest import demo_records, write_jsonl
-
-
-@pytest.fixture(scope="module")
-def seeded(tmp_path_factory):
-    """A corpus, assignments putting every document in cluster 0, a trained tokenizer and a tiny seed."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    root = tmp_path_factory.mktemp("experts")
-    corpus = ingest_corpus(CorpusConfig(path=str(write_jsonl(root / "c.jsonl", demo_records(12, ("cooking",)))),
-                                        heldout_fraction=0.25), root / "docs.parquet")
-    docs = read_documents(corpus)
-    assignments = root / "assignments.parquet"
-    pq.write_table(pa.table({"id": docs.column("id"), "split": docs.column("split"),
-                             "cluster_id": pa.array([0] * docs.num_rows, pa.int32()),
-                             "distance": pa.array([0.0] * docs.num_rows, pa.float32())}), assignments)
-    cfg = SeedConfig(model="preset:tiny", vocab_size=400, max_position_embeddings=64)
-    tok_dir = train_tokenizer(cfg, corpus, root / "tokenizer")
-    seed_dir = build_seed(cfg, tok_dir, root / "seed")
-    return root, corpus, assignments, seed_dir
 
 
 def test_tokenizer_round_trips_and_is_shared_by_the_seed(seeded):
@@ -72,12 +49,23 @@ def test_same_seed_gives_the_same_expert(seeded, tmp_path):
         assert torch.equal(pa_, pb)
 
 
-def test_too_few_tokens_for_one_block_is_a_clear_error(seeded, tmp_path):
+def test_too_few_tokens_for_one_block_skips_the_expert_with_a_warning(seeded, tmp_path, caplog):
     root, corpus, assignments, seed_dir = seeded
-    with pytest.raises(UserInputError, match="fewer than one block"):
-        train_expert(TrainConfig(block_size=100_000), seed_dir, corpus, assignments, 0, tmp_path / "x",
-                     show_progress=False)
+    summary = train_expert(TrainConfig(block_size=100_000), seed_dir, corpus, assignments, 0, tmp_path / "x",
+                           show_progress=False)
+    assert summary["skipped"] is True and "fewer than one block" in summary["reason"]
+    assert summary["steps"] == 0 and summary["val_loss"] is None
+    assert "expert 0 skipped" in caplog.text
     assert not (tmp_path / "x").exists()
+
+
+def test_an_empty_cluster_and_a_zero_budget_are_skipped(seeded, tmp_path):
+    root, corpus, assignments, seed_dir = seeded
+    empty = train_expert(TrainConfig(), seed_dir, corpus, assignments, 5, tmp_path / "x", show_progress=False)
+    assert empty["skipped"] and empty["train_tokens_available"] == 0
+    zero = train_expert(TrainConfig(block_size=16), seed_dir, corpus, assignments, 0, tmp_path / "y",
+                        show_progress=False, steps=0)
+    assert zero["skipped"] and "budget" in zero["reason"] and not (tmp_path / "y").exists()
 
 
 def test_schedule_warms_up_then_decays():
@@ -96,3 +84,85 @@ def test_bad_train_config(kwargs):
 def test_missing_seed_is_a_clear_error(tmp_path):
     with pytest.raises(UserInputError, match="does not exist"):
         load_causal_lm(tmp_path / "nope")
+
+
+def test_expert_dir_has_a_loss_curve_and_a_summary(seeded, tmp_path):
+    root, corpus, assignments, seed_dir = seeded
+    cfg = TrainConfig(steps=4, batch_size=2, block_size=16, eval_every=2, grad_accum=2, warmup_steps=1,
+                      precision="fp32")
+    summary = train_expert(cfg, seed_dir, corpus, assignments, 0, tmp_path / "e", show_progress=False)
+    assert (tmp_path / "e" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    saved = json.loads((tmp_path / "e" / "expert.json").read_text())
+    assert saved["tokens"] == summary["tokens"] == 4 * 2 * 16 * 2
+    assert {"steps", "tokens", "train_loss", "val_loss", "seconds", "device", "skipped"} <= set(saved)
+    assert saved["skipped"] is False and saved["init"] == "seed"
+
+
+def test_continue_from_the_current_expert_and_refuse_another_vocabulary(seeded, tmp_path):
+    root, corpus, assignments, seed_dir = seeded
+    cfg = TrainConfig(steps=3, batch_size=2, block_size=16, eval_every=3, warmup_steps=0, precision="fp32")
+    train_expert(cfg, seed_dir, corpus, assignments, 0, tmp_path / "e", show_progress=False)
+    again = train_expert(cfg, seed_dir, corpus, assignments, 0, tmp_path / "e", show_progress=False,
+                         init_dir=tmp_path / "e")
+    assert again["init"] == "expert" and (tmp_path / "e" / "model.safetensors").exists()
+    import shutil
+
+    shutil.copytree(tmp_path / "e", tmp_path / "other")
+    config = json.loads((tmp_path / "other" / "config.json").read_text())
+    (tmp_path / "other" / "config.json").write_text(json.dumps({**config, "vocab_size": 999}))
+    with pytest.raises(UserInputError, match="vocabulary"):
+        train_expert(cfg, seed_dir, corpus, assignments, 0, tmp_path / "x", show_progress=False,
+                     init_dir=tmp_path / "other")
+
+
+def test_bad_device_and_missing_seed_are_one_line_errors(seeded, tmp_path):
+    root, corpus, assignments, seed_dir = seeded
+    with pytest.raises(UserInputError, match="unknown device"):
+        train_expert(TrainConfig(device="tpu"), seed_dir, corpus, assignments, 0, tmp_path / "x")
+    with pytest.raises(UserInputError, match="does not exist"):
+        train_expert(TrainConfig(), tmp_path / "nope", corpus, assignments, 0, tmp_path / "x")
+
+
+def test_a_directory_that_is_not_a_causal_lm_is_a_clear_error(seeded):
+    root, *_ = seeded
+    with pytest.raises(UserInputError, match="cannot load .* as a causal LM"):
+        load_causal_lm(root / "tokenizer")
+
+
+def test_presets_are_llama_style_and_span_2m_to_125m():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from experts.config import PRESETS
+
+    counts = {}
+    for name, shape in PRESETS.items():
+        with torch.device("meta"):
+            model = LlamaForCausalLM(LlamaConfig(vocab_size=8192, num_key_value_heads=shape["num_attention_heads"],
+                                                 tie_word_embeddings=True, **shape))
+        counts[name] = sum(p.numel() for p in model.parameters()) / 1e6
+        assert model.config.hidden_act == "silu" and model.config.attention_dropout == 0.0
+    assert {"tiny", "1m"} <= set(counts)
+    assert 1.5 <= counts["2m"] <= 2.5 and 100 <= counts["125m"] <= 135
+    assert list(counts.values()) == sorted(counts.values())
+
+
+def test_seed_phase_trains_on_the_whole_corpus_and_experts_branch_from_it(seeded, tmp_path):
+    from experts.seed import pretrain_seed
+
+    root, corpus, assignments, seed_dir = seeded
+    cfg = TrainConfig(batch_size=2, block_size=16, warmup_steps=1, eval_every=5, precision="fp32")
+    assert pretrain_seed(SeedConfig(model="preset:tiny"), cfg, seed_dir, corpus, tmp_path / "p") == seed_dir
+    assert not (tmp_path / "p").exists()
+    out = pretrain_seed(SeedConfig(model="preset:tiny", pretrain_tokens=150), cfg, seed_dir, corpus, tmp_path / "p",
+                        show_progress=False)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 5 and rows[-1]["tokens"] == 160  # 150 tokens rounded up to whole steps
+    summary = train_expert(TrainConfig(steps=2, batch_size=2, block_size=16, eval_every=2, precision="fp32"), out,
+                           corpus, assignments,
+                           0, tmp_path / "e", show_progress=False)
+    assert summary["steps"] == 2 and load_causal_lm(tmp_path / "e").config.vocab_size == len(load_tokenizer(seed_dir))
+
+
+def test_seed_config_validates_pretrain_tokens():
+    with pytest.raises(UserInputError, match="pretrain_tokens"):
+        SeedConfig(pretrain_tokens=-1)

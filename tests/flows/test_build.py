@@ -11,21 +11,24 @@ from flows.pipeline import build, retrain
 from tests.conftest import tiny_config, write_jsonl
 
 EXPECTED_FILES = {
-    "DONE", "manifest.json", "config.toml", "report.md", "corpus/docs.parquet",
-    "embeddings/meta.json", "embeddings/shard-00000.npy", "embeddings/shard-00000.ids.json",
+    "DONE", "manifest.json", "config.toml", "report.md", "corpus/docs.parquet", "corpus/ingest.json",
+    "embeddings/meta.json", "embeddings/embedder.json", "embeddings/shard-00000.npy",
+    "embeddings/shard-00000.ids.json",
     "clusters/centroids.npy", "clusters/assignments.parquet", "clusters/clusters.json",
-    "plots/cluster_sizes.png", "plots/loss_curves.png",
+    "plots/cluster_sizes.png", "plots/cluster_map.png", "plots/cluster_labels.png", "plots/loss_curves.png",
     "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json",
     "seed/config.json", "seed/generation_config.json", "seed/model.safetensors", "seed/tokenizer.json",
     "seed/tokenizer_config.json",
     *(f"experts/{i}/{name}" for i in range(3) for name in (
         "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-        "metrics.jsonl", "expert.json")),
+        "metrics.jsonl", "expert.json", "loss.png")),
 }
 
 
 def files(root):
-    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+    """Every file of the run directory but the hidden token cache."""
+    return {p.relative_to(root).as_posix() for p in root.rglob("*")
+            if p.is_file() and not p.relative_to(root).as_posix().startswith(".cache/")}
 
 
 def expert_mtimes(run_dir):

@@ -1,0 +1,74 @@
+"""Compute budget in tokens: how many optimizer steps each expert trains.
+
+A total budget (``train.total_tokens``) is split across experts in proportion to their clusters' training
+tokens (default) or equally, so that an ensemble and a dense model can be compared at equal compute: the
+steps returned here always add up to ``total_tokens // tokens_per_step`` (the remainder, less than one step,
+is not spent).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ensemble.rundir import UserInputError
+from experts.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def steps_per_expert(cfg: TrainConfig, cluster_tokens: dict[int, int]) -> dict[int, int]:
+    """Optimizer steps per cluster id for ``cluster_tokens`` (cluster id -> training tokens of that cluster).
+
+    Without ``cfg.total_tokens`` every expert gets ``cfg.steps``. Clusters with fewer tokens than one block
+    get 0 steps (`train_expert` skips them) and take no share of the budget. Otherwise every trainable expert
+    gets at least one step, the rest is split by largest remainders. Raises UserInputError when the budget
+    cannot give each trainable expert one step.
+    """
+    trainable = {c: int(n) for c, n in cluster_tokens.items() if n >= cfg.block_size}
+    steps = {int(c): 0 for c in cluster_tokens}
+    if cfg.total_tokens is None:
+        return {c: (cfg.steps if c in trainable else 0) for c in steps}
+    if not trainable:
+        return steps
+    total_steps = cfg.total_tokens // cfg.tokens_per_step
+    if total_steps < len(trainable):
+        need = len(trainable) * cfg.tokens_per_step
+        raise UserInputError(f"train.total_tokens={cfg.total_tokens:,} is less than one step for each of the "
+                             f"{len(trainable)} experts: give at least {need:,} tokens (one step is "
+                             f"{cfg.tokens_per_step:,} tokens = batch_size x block_size x grad_accum)")
+    if cfg.budget_split == "equal":
+        weights = {c: 1.0 for c in trainable}
+    else:
+        weights = {c: float(n) for c, n in trainable.items()}
+    steps.update(_largest_remainder(weights, total_steps - len(trainable), floor=1))
+    log.info("budget: %s tokens -> %s steps (%s split)", f"{cfg.total_tokens:,}", dict(sorted(steps.items())),
+             cfg.budget_split)
+    return steps
+
+
+def _largest_remainder(weights: dict[int, float], n: int, floor: int) -> dict[int, int]:
+    """Split ``n`` units by ``weights`` (Hamilton's method), each share plus ``floor``; the shares sum to n."""
+    total = sum(weights.values())
+    exact = {c: n * w / total for c, w in weights.items()}
+    out = {c: int(x) for c, x in exact.items()}
+    left = n - sum(out.values())
+    # Ties broken by cluster id so the split is deterministic.
+    for c in sorted(exact, key=lambda c: (-(exact[c] - out[c]), c))[:left]:
+        out[c] += 1
+    return {c: k + floor for c, k in out.items()}
+
+
+def split_tokens(steps: dict[int, int], cfg: TrainConfig) -> dict[int, int]:
+    """Tokens each expert will see (steps x tokens per step), for reports."""
+    return {c: s * cfg.tokens_per_step for c, s in steps.items()}
+
+
+def cluster_token_counts(seed_dir: Path, corpus_path: Path, assignments_path: Path, n_clusters: int,
+                         cache_dir: Path | None = None) -> dict[int, int]:
+    """Training tokens of every cluster 0..n_clusters-1 with the seed's tokenizer (0 for an empty cluster):
+    the input of `steps_per_expert`. Tokenizes the corpus once (cached, shared with `train_expert`)."""
+    from experts.data import tokenize_corpus, train_token_counts
+    from experts.train import _tokenizer
+
+    counts = train_token_counts(tokenize_corpus(_tokenizer(seed_dir), corpus_path, cache_dir), assignments_path)
+    return {c: counts.get(c, 0) for c in range(n_clusters)}

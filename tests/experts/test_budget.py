@@ -1,0 +1,61 @@
+import pytest
+
+from ensemble.rundir import UserInputError
+from experts.budget import steps_per_expert
+from experts.config import TrainConfig
+
+STEP = 2 * 16  # tokens per step below
+
+
+def cfg(**kw):
+    return TrainConfig(batch_size=2, block_size=16, **kw)
+
+
+def test_without_a_total_budget_every_expert_trains_train_steps():
+    assert steps_per_expert(cfg(steps=7), {0: 1000, 1: 50, 2: 3}) == {0: 7, 1: 7, 2: 0}
+
+
+def test_proportional_split_follows_cluster_tokens_and_spends_the_whole_budget():
+    steps = steps_per_expert(cfg(total_tokens=100 * STEP + 5), {0: 6000, 1: 3000, 2: 1000})
+    assert sum(steps.values()) == 100
+    assert steps[0] > steps[1] > steps[2] >= 1 and abs(steps[0] - 60) <= 1 and abs(steps[2] - 10) <= 1
+
+
+def test_equal_split_and_accumulation_count_in_tokens():
+    steps = steps_per_expert(cfg(total_tokens=90 * STEP * 2, grad_accum=2, budget_split="equal"),
+                             {0: 6000, 1: 3000, 2: 1000})
+    assert steps == {0: 30, 1: 30, 2: 30}
+
+
+def test_a_cluster_below_one_block_gets_no_share():
+    steps = steps_per_expert(cfg(total_tokens=10 * STEP), {0: 5000, 1: 10})
+    assert steps == {0: 10, 1: 0}
+
+
+@pytest.mark.parametrize("kw", [dict(total_tokens=0), dict(total_tokens=-5), dict(budget_split="random"),
+                                dict(grad_accum=0), dict(checkpoint_every=-1)])
+def test_a_zero_or_invalid_budget_is_a_clear_error(kw):
+    with pytest.raises(UserInputError):
+        cfg(**kw)
+
+
+def test_a_budget_below_one_step_per_expert_is_a_clear_error():
+    with pytest.raises(UserInputError, match="at least 96 tokens"):
+        steps_per_expert(cfg(total_tokens=2 * STEP), {0: 100, 1: 100, 2: 100})
+
+
+def test_cluster_token_counts_match_the_training_streams(seeded, tmp_path):
+    from cluster.corpus import read_documents
+    from experts.budget import cluster_token_counts
+    from experts.data import token_stream, tokenize_corpus
+    from experts.tokenizer import load_tokenizer
+    from tests.experts.conftest import write_assignments
+
+    root, corpus, _, seed_dir = seeded
+    docs = read_documents(corpus)
+    path = write_assignments(tmp_path / "a.parquet", docs, [0] * docs.num_rows, [i % 2 for i in range(docs.num_rows)])
+    counts = cluster_token_counts(seed_dir, corpus, path, 3, cache_dir=tmp_path)
+    tok = load_tokenizer(seed_dir)
+    tokens = tokenize_corpus(tok, corpus, tmp_path)
+    assert counts == {c: len(token_stream(tokens, path, c, "train", len(tok), tmp_path)) for c in range(3)}
+    assert counts[2] == 0 and counts[0] > 0 and counts[1] > 0

@@ -1,0 +1,106 @@
+"""Retries, failures that keep the other experts, runner specs, and the same build on Ray as on threads."""
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from ensemble.rundir import UserInputError
+from flows import pipeline
+from flows.cli import main
+from flows.runners import check_reachable, parse_spec
+from tests.conftest import tiny_config
+
+
+@pytest.fixture
+def flaky_training(monkeypatch):
+    """Make the training task fail for chosen clusters: ``fail[cid] = n`` fails its first n attempts."""
+    original, fail, calls = pipeline.train_task.fn, {}, []
+
+    def flaky(cfg, seed_dir, corpus_path, assignments_path, cluster_id, out_dir, **kwargs):
+        calls.append(cluster_id)
+        if fail.get(cluster_id, 0) > 0:
+            fail[cluster_id] -= 1
+            raise RuntimeError(f"simulated crash of expert {cluster_id}")
+        return original(cfg, seed_dir, corpus_path, assignments_path, cluster_id, out_dir, **kwargs)
+
+    monkeypatch.setattr(pipeline.train_task, "fn", flaky)
+    return fail, calls
+
+
+def test_a_task_that_fails_once_is_retried_and_the_flow_succeeds(built_run, slice_corpus, tmp_path,
+                                                                  flaky_training):
+    fail, calls = flaky_training
+    run_dir = shutil.copytree(built_run, tmp_path / "run")
+    shutil.rmtree(run_dir / "experts" / "0")
+    fail[0] = 1
+    pipeline.build(tiny_config(slice_corpus).to_dict(), str(run_dir))
+    assert calls == [0, 0] and (run_dir / "experts" / "0" / "model.safetensors").exists()
+
+
+def test_an_expert_failing_for_good_is_named_and_the_others_are_kept(built_run, slice_corpus, tmp_path,
+                                                                     flaky_training):
+    fail, calls = flaky_training
+    run_dir = shutil.copytree(built_run, tmp_path / "run")
+    cfg = tiny_config(slice_corpus).with_overrides(["train.steps=12"])  # every expert must retrain
+    fail[1] = 99
+    with pytest.raises(RuntimeError, match="expert 1"):
+        pipeline.build(cfg.to_dict(), str(run_dir))
+    assert calls.count(1) == 3  # first try + 2 retries
+    manifest = pipeline.RunDir(run_dir).read_manifest()
+    assert manifest.experts["0"]["steps"] == 12 and manifest.experts["2"]["steps"] == 12
+    assert manifest.experts["1"]["steps"] != 12  # the old expert 1 is still there, untouched
+    assert not (run_dir / "DONE").exists()
+
+
+@pytest.mark.parametrize("spec", ["warp", "thread=x", "ray=", "process=host:1"])
+def test_unknown_runner_specs(spec):
+    with pytest.raises(UserInputError, match="unknown runner"):
+        parse_spec(spec)
+
+
+def test_unreachable_cluster_address_fails_fast_with_the_address():
+    with pytest.raises(UserInputError, match="127.0.0.1:9"):
+        check_reachable("ray", "127.0.0.1:9", timeout=2)
+    assert main(["run", "--runner", "dask=127.0.0.1:9"]) == 2
+
+
+def slice_corpus_copy_source(run_dir):
+    """Any JSONL with a text field that is not the run's corpus file: the run's own documents, re-exported."""
+    import json
+
+    path = run_dir.parent / "reexported.jsonl"
+    rows = pq.read_table(run_dir / "corpus" / "docs.parquet", columns=["text"]).to_pylist()
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_a_run_directory_from_another_corpus_is_refused(built_run, tmp_path, capsys):
+    run_dir = shutil.copytree(built_run, tmp_path / "run")
+    other = shutil.copy(slice_corpus_copy_source(run_dir), tmp_path / "other.jsonl")
+    assert main(["run", "--corpus", str(other), "--out", str(run_dir), "--clusters", "3"]) == 2
+    assert "was built from corpus" in capsys.readouterr().err
+    assert (run_dir / "DONE").exists()
+
+
+@pytest.mark.slow
+def test_ray_builds_the_same_clusters_and_experts_as_threads(built_run, slice_corpus, tmp_path):
+    pytest.importorskip("prefect_ray")
+    from flows.runners import shared_api_server, task_runner
+
+    run_dir = tmp_path / "ray-run"
+    with shared_api_server("ray"):
+        pipeline.build.with_options(task_runner=task_runner("ray"))(
+            tiny_config(slice_corpus).to_dict(), str(run_dir), "assemble", None, "ray")
+    for name in ("cluster_id", "train_cluster_id"):
+        a = pq.read_table(built_run / "clusters" / "assignments.parquet")
+        b = pq.read_table(run_dir / "clusters" / "assignments.parquet")
+        if name in a.column_names:
+            assert a.column(name).to_pylist() == b.column(name).to_pylist()
+    from safetensors.numpy import load_file
+
+    for cid in range(3):
+        thread_w = load_file(built_run / "experts" / str(cid) / "model.safetensors")
+        ray_w = load_file(run_dir / "experts" / str(cid) / "model.safetensors")
+        for key, value in thread_w.items():
+            np.testing.assert_allclose(ray_w[key], value, rtol=1e-4, atol=1e-5)
