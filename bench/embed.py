@@ -5,8 +5,9 @@ in one process: (1) through the stage (`embed_corpus`, sentence-transformers), (
 `SentenceTransformer(path).encode(texts, batch_size=B)` of the same texts, (3) through the stage with
 the tf-idf embedder (fit on the training sample + transform of every document; always the whole split,
 as its fit is a fixed cost). Model loading is timed separately; each encoder is warmed up on a few
-documents first; ``--repeat R`` keeps the best of R runs of the stage and of the bare call. Nothing is
-written outside a temporary directory, which is removed at the end.
+documents first; ``--repeat R`` keeps the best of R runs of the stage and of the bare call, and
+``--pairs P`` times P parts of the documents through both back to back (on a machine whose load changes,
+both then see the same load). Nothing is written outside a temporary directory, removed at the end.
 
     python bench/embed.py                 # all 11,314 documents
     python bench/embed.py --limit 2000    # a seeded random sample of 2,000 (sentence-transformers rows)
@@ -33,6 +34,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=None, help="embed a seeded random sample of N documents")
     parser.add_argument("--batch-size", type=int, default=32, help="the same for the stage and the bare call")
     parser.add_argument("--repeat", type=int, default=1, help="best of R runs of each (order alternates)")
+    parser.add_argument("--pairs", type=int, default=1,
+                        help="split the documents into P parts, each timed through the stage and the bare call "
+                             "back to back (for a machine whose load changes); totals are compared")
     parser.add_argument("--skip-tfidf", action="store_true", help="leave out the tf-idf path")
     return parser.parse_args()
 
@@ -87,7 +91,8 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     sample = f", seeded sample of {args.limit}" if args.limit else ""
     print(f"\n20 Newsgroups train ({args.data.name}{sample}): {n} documents after ingestion; batch size "
           f"{args.batch_size}; max_seq_length {st['max_seq_length']}; device {st['device']} ({st['precision']}); "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; best of {args.repeat}")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; best of {args.repeat}, "
+          f"{args.pairs} part(s) timed in pairs")
     print(f"model load: stage {st['load_stage']:.1f} s, bare {st['load_bare']:.1f} s (not in the timings below)\n")
     print(f"| {'path':<60} | {'docs':>6} | {'seconds':>8} | {'docs/s':>8} | {'vs bare':>8} |")
     print(f"|{'-' * 62}|{'-' * 8}|{'-' * 10}|{'-' * 10}|{'-' * 10}|")
@@ -102,8 +107,23 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     print(f"stage vectors (float16 shards) vs bare: min cosine {st['min_cos']:.4f}")
 
 
+def split_corpus(corpus: Path, pairs: int, tmp: Path) -> list[tuple[Path, list[str]]]:
+    """The ingested corpus as ``pairs`` consecutive parts: (Parquet, texts) each."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(corpus)
+    bounds = [round(i * table.num_rows / pairs) for i in range(pairs + 1)]
+    parts = []
+    for i, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+        pq.write_table(table.slice(lo, hi - lo), tmp / f"part-{i}.parquet")
+        parts.append((tmp / f"part-{i}.parquet", table.column("text").slice(lo, hi - lo).to_pylist()))
+    return parts
+
+
 def time_sentence_transformers(args: argparse.Namespace, corpus: Path, texts: list[str], tmp: Path) -> dict:
-    """Best-of-``repeat`` seconds of the stage and of the bare call, alternating which goes first."""
+    """Best-of-``repeat`` total seconds of the stage and of the bare call over the ``pairs`` parts; within
+    a round each part runs through both back to back (which goes first alternates), so a change in the
+    machine's load hits both alike."""
     import numpy as np
     from sentence_transformers import SentenceTransformer
 
@@ -116,18 +136,23 @@ def time_sentence_transformers(args: argparse.Namespace, corpus: Path, texts: li
     bare, load_bare = timed(lambda: SentenceTransformer(resolve_model_path(cfg.model), device=embedder.device))
     embedder.encode(texts[: 2 * bs])  # warm-up: first calls pay one-off kernel set-up
     bare.encode(texts[: 2 * bs], batch_size=bs)
-    stage_s, bare_s = [], []
+    parts = split_corpus(corpus, args.pairs, tmp) if args.pairs > 1 else [(corpus, texts)]
+    stage_s, bare_s, cosines = [], [], []
     for r in range(args.repeat):
-        for which in (("stage", "bare") if r % 2 == 0 else ("bare", "stage")):
-            if which == "stage":
-                stage_s.append(timed(lambda: embed_corpus(cfg, corpus, tmp / f"emb-st-{r}", embedder))[1])
-            else:
-                vecs, seconds = timed(lambda: bare.encode(texts, batch_size=bs, normalize_embeddings=True))
-                bare_s.append(seconds)
-    stage_vecs = load_embeddings(tmp / "emb-st-0")[1]
-    min_cos = float(np.min(np.sum(stage_vecs * vecs, axis=1) / np.linalg.norm(stage_vecs, axis=1)))
+        stage_s.append(0.0)
+        bare_s.append(0.0)
+        for i, (part, part_texts) in enumerate(parts):
+            out = tmp / f"emb-st-{r}-{i}"
+            for which in (("stage", "bare") if (r + i) % 2 == 0 else ("bare", "stage")):
+                if which == "stage":
+                    stage_s[-1] += timed(lambda: embed_corpus(cfg, part, out, embedder))[1]
+                else:
+                    vecs, seconds = timed(lambda: bare.encode(part_texts, batch_size=bs, normalize_embeddings=True))
+                    bare_s[-1] += seconds
+            stage_vecs = load_embeddings(out)[1]
+            cosines.append(np.min(np.sum(stage_vecs * vecs, axis=1) / np.linalg.norm(stage_vecs, axis=1)))
     return {"stage": min(stage_s), "bare": min(bare_s), "load_stage": load_stage, "load_bare": load_bare,
-            "min_cos": min_cos, "device": embedder.device, "precision": embedder.precision,
+            "min_cos": float(min(cosines)), "device": embedder.device, "precision": embedder.precision,
             "max_seq_length": embedder.model.max_seq_length}
 
 

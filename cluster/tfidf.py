@@ -121,29 +121,31 @@ class TfidfEmbedder:
 def training_sample(corpus_path: Path, size: int, seed: int = SEED) -> list[str]:
     """A seeded random sample of at most ``size`` training-split texts of the ingested corpus (Parquet).
 
-    Two streamed passes (count the training rows per batch, then take the chosen ones), so memory is
-    the sample plus one batch, whatever the corpus size. Uses every document when none is in training.
+    Two streamed passes (count the training rows, then take the chosen ones), so memory is the sample
+    plus one row group, whatever the corpus size. Uses every document when none is in training.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(corpus_path)
-    batches = lambda cols: parquet.iter_batches(batch_size=10_000, columns=cols)  # noqa: E731
-    n_train = sum(pc.sum(pc.equal(b.column("split"), "train")).as_py() or 0 for b in batches(["split"]))
+    # Row group by row group (the ingest stage writes them <= 10,000 rows): unlike iter_batches, this
+    # does not leave each decoded batch's memory with the allocator.
+    groups = lambda cols: (parquet.read_row_group(g, columns=cols) for g in range(parquet.num_row_groups))  # noqa
+    n_train = sum(pc.sum(pc.equal(t.column("split"), "train")).as_py() or 0 for t in groups(["split"]))
     everything = n_train == 0
     total = parquet.metadata.num_rows if everything else n_train
     chosen = np.sort(np.random.default_rng(seed).choice(total, size=min(size, total), replace=False))
-    texts, seen = [], 0  # seen: candidate rows (training rows, or all) before this batch
-    for batch in batches(["split", "text"]):
-        rows = (np.arange(batch.num_rows) if everything
-                else np.flatnonzero(pc.equal(batch.column("split"), "train").to_numpy(zero_copy_only=False)))
+    texts, seen = [], 0  # seen: candidate rows (training rows, or all) before this row group
+    for table in groups(["split", "text"]):
+        rows = (np.arange(table.num_rows) if everything
+                else np.flatnonzero(pc.equal(table.column("split"), "train").to_numpy(zero_copy_only=False)))
         lo, hi = np.searchsorted(chosen, [seen, seen + len(rows)])
         if hi > lo:
-            texts += batch.column("text").take(rows[chosen[lo:hi] - seen]).to_pylist()
+            texts += table.column("text").take(rows[chosen[lo:hi] - seen]).to_pylist()
         seen += len(rows)
-        del batch
-        pa.default_memory_pool().release_unused()  # else the allocator keeps every decoded batch's pages
+        del table
+        pa.default_memory_pool().release_unused()
     return texts
 
 

@@ -285,21 +285,14 @@ def cmd_tune_temperature(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from ensemble import Ensemble
-    from ensemble.evaluate import evaluate_run, heldout_texts, write_results
+    from flows.pipeline import evaluate
 
-    ens = Ensemble.load(args.run_dir)
-    texts = heldout_texts(ens, Path(args.corpus) if args.corpus else None, args.text_field)[: args.limit]
-    top_ks = args.top_k or [1, 2, ens.n_experts]
-    for k in top_ks:
-        if not 1 <= k <= ens.n_experts:
-            raise UserInputError(f"--top-k {k} is out of range: this run has {ens.n_experts} experts")
-    results = evaluate_run(ens, texts, top_ks)
-    path = write_results(ens.run.root, results)
+    _quiet_prefect(args.verbose)
+    results = evaluate(str(args.run_dir), args.top_k, args.corpus, args.text_field, args.limit)
     print(f"Held-out perplexity over {results['n_texts']} documents:")
     for name, r in results["systems"].items():
         print(f"  {name:<12} {r['perplexity']:>9.2f}  ({r['tokens']} tokens)")
-    print(f"Results: {path}")
+    print(f"Results: {Path(args.run_dir) / 'eval' / 'results.json'} (and report.md)")
     return 0
 
 
