@@ -7,6 +7,7 @@ the only writer of ``manifest.json``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -19,10 +20,12 @@ from prefect.cache_policies import NO_CACHE
 
 from cluster.choose_k import choose_k
 from cluster.corpus import ingest_corpus
-from cluster.embed import embed_corpus
+from cluster.config import EmbedConfig
+from cluster.embed import embed_shard, load_embedder, plan_shards, stage_embedder, write_embeddings_meta
 from cluster.kmeans import cluster_corpus, read_clusters
 from cluster.report import clusters_table
 from ensemble.device import resolve_device
+from ensemble.progress import progress
 from ensemble.report import write_report
 from ensemble.rundir import (STAGES, Manifest, RunDir, UserInputError, atomic_write_text, clean_stale_temporaries,
                              hash_json)
@@ -48,7 +51,23 @@ def _no_retry_on_user_error(task, task_run, state) -> bool:
 
 
 ingest_task = task(ingest_corpus, name="ingest", cache_policy=NO_CACHE)
-embed_task = task(embed_corpus, name="embed", cache_policy=NO_CACHE)
+_EMBEDDERS: dict[tuple[str, str], object] = {}  # per worker process: load the embedder once, not per shard
+
+
+def embed_one_shard(cfg: EmbedConfig, corpus_path: Path, out_dir: Path, shard_index: int, n_docs: int) -> str:
+    """Embed one shard in whatever worker runs it (the stage's `embed_shard`, with a progress bar)."""
+    key = (json.dumps(dataclasses.asdict(cfg), sort_keys=True), str(out_dir))
+    if key not in _EMBEDDERS:
+        _EMBEDDERS[key] = load_embedder(cfg, out_dir)
+    bar = progress(total=n_docs, desc=f"embed shard {shard_index}", unit="doc")
+    try:
+        return str(embed_shard(cfg, corpus_path, out_dir, shard_index, _EMBEDDERS[key], bar.update))
+    finally:
+        bar.close()
+
+
+embed_shard_task = task(embed_one_shard, name="embed-shard", cache_policy=NO_CACHE,
+                        task_run_name="embed-shard-{shard_index}")
 cluster_task = task(cluster_corpus, name="cluster", cache_policy=NO_CACHE)
 tokenizer_task = task(train_tokenizer, name="tokenizer", cache_policy=NO_CACHE)
 seed_task = task(build_seed, name="seed", cache_policy=NO_CACHE)
@@ -80,6 +99,30 @@ def open_run(run: RunDir, cfg: PipelineConfig, force: set[str] = frozenset()) ->
     return manifest
 
 
+def _embed(cfg: PipelineConfig, run: RunDir, runner: str) -> None:
+    """The embed stage as one task per shard (several workers embed at once on Ray or Dask).
+
+    The embedder is prepared here first: stale shards of other settings are cleared and a tf-idf embedder is
+    fitted and saved, so every worker loads the same one. On a local CPU shards run one after another.
+    """
+    import pyarrow.parquet as pq
+
+    embedder = stage_embedder(cfg.embed, run.corpus_path, run.embeddings_dir)
+    _EMBEDDERS[(json.dumps(dataclasses.asdict(cfg.embed), sort_keys=True), str(run.embeddings_dir))] = embedder
+    n_rows = pq.ParquetFile(run.corpus_path).metadata.num_rows
+    n_shards = plan_shards(run.corpus_path, cfg.embed.shard_size)
+    sequential = resolve_device(cfg.embed.device) == "cpu" and not is_remote(runner)
+    futures = []
+    for i in range(n_shards):
+        size = min(cfg.embed.shard_size, n_rows - i * cfg.embed.shard_size)
+        futures.append(embed_shard_task.submit(cfg.embed, run.corpus_path, run.embeddings_dir, i, size))
+        if sequential:
+            futures[-1].wait()
+    for future in futures:
+        future.result()
+    write_embeddings_meta(cfg.embed, run.corpus_path, run.embeddings_dir, embedder)
+
+
 def _branch_dir(cfg: PipelineConfig, run: RunDir) -> Path:
     """Where experts branch from: the pretrained seed when there is a seed phase, else the seed."""
     return run.root / "pretrained" if cfg.seed.pretrain_tokens else run.seed_dir
@@ -109,7 +152,7 @@ def _train_experts(cfg: PipelineConfig, run: RunDir, manifest: Manifest, cluster
         run.done_path.unlink(missing_ok=True)
     # On CPU one expert at a time uses every core; on GPUs (or a remote cluster) the runner spreads them.
     sequential = resolve_device(cfg.train.device) == "cpu" and not is_remote(runner)
-    futures, progress = {}, create_progress_artifact(0.0, key="cbtm-training", description=f"experts of {run.root}")
+    futures, artifact = {}, create_progress_artifact(0.0, key="cbtm-training", description=f"experts of {run.root}")
     task_ = train_task.with_options(retries=cfg.train.retries)
     for cid, inputs in todo:
         with expert_task_options(runner):
@@ -119,7 +162,7 @@ def _train_experts(cfg: PipelineConfig, run: RunDir, manifest: Manifest, cluster
                                          init_dir=run.expert_dir(cid) if from_current else None), inputs)
         if sequential:
             futures[cid][0].wait()
-    _collect_experts(run, manifest, futures, progress)
+    _collect_experts(run, manifest, futures, artifact)
     run.record_stage(manifest, "train", stage_inputs(cfg, manifest, "train"),
                      hash_json({cid: e.get("hash") for cid, e in sorted(manifest.experts.items())}))
     with contextlib.suppress(OSError):
@@ -221,7 +264,7 @@ def build(config: dict, run_dir: str, until: str = "assemble", force: list[str] 
     manifest = open_run(run, cfg, force)
     log.info("run directory %s", run.root)
     for stage, work in [("ingest", lambda: ingest_task(cfg.corpus, run.corpus_path)),
-                        ("embed", lambda: embed_task(cfg.embed, run.corpus_path, run.embeddings_dir))]:
+                        ("embed", lambda: _embed(cfg, run, runner))]:
         run_stage(run, manifest, stage, stage_inputs(cfg, manifest, stage), work, force=stage in force)
         if until == stage:
             return summarize(run)

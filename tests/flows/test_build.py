@@ -144,3 +144,14 @@ def test_cli_bad_corpus_exits_2_and_leaves_no_run(prefect_harness, tmp_path, cap
     if case != "too_many_after_cleaning":
         assert len(err) == 1  # failed before any work started
     assert not out.exists()
+
+
+def test_cli_choose_k_prints_scores_and_writes_the_plot(built_run, tmp_path, capsys):
+    run_dir = shutil.copytree(built_run, tmp_path / "run")
+    assert main(["clusters", "choose-k", str(run_dir), "--k", "2,3,4"]) == 0
+    out = capsys.readouterr().out
+    assert "<- best" in out and out.count("\n") >= 4
+    result = json.loads((run_dir / "choose_k" / "choose_k.json").read_text())
+    assert [r["k"] for r in result["results"]] == [2, 3, 4] and result["best_k"] in (2, 3, 4)
+    assert (run_dir / "choose_k" / "choose_k.png").stat().st_size > 0
+    assert main(["clusters", "choose-k", str(run_dir), "--k", "2,999"]) == 2
