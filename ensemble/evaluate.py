@@ -33,25 +33,67 @@ def heldout_texts(ens, corpus: Path | None = None, text_field: str = "text") -> 
     return texts
 
 
+def _system(logps: list[np.ndarray], nearest: list[int], n_clusters: int, **extra) -> dict:
+    """Overall and per-cluster (each text's nearest cluster) perplexity of per-token log-probabilities."""
+    per_cluster = {}
+    for cid in range(n_clusters):
+        parts = [lp for lp, c in zip(logps, nearest) if c == cid]
+        if parts:
+            flat = np.concatenate(parts)
+            per_cluster[str(cid)] = {"perplexity": float(np.exp(-flat.mean())), "tokens": int(flat.size)}
+    flat = np.concatenate(logps)
+    return {**extra, "perplexity": float(np.exp(-flat.mean())), "tokens": int(flat.size), "per_cluster": per_cluster}
+
+
 def evaluate_run(ens, texts: list[str], top_ks: list[int]) -> dict:
-    """Perplexity per system ("top-K") overall and per cluster (each text's nearest cluster)."""
+    """Perplexity of the ensemble at each top-k and of each expert alone, overall and per cluster.
+
+    Every expert runs once over every text; each system is then a different mixture of the same
+    per-token probabilities (routing from preceding context, see `ensemble.scoring`).
+    """
+    from ensemble.scoring import WindowRouting, experts_logprobs, mix
+
     nearest = [r[0][0] for r in ens.route(texts, top_k=1)]
-    results = {"n_texts": len(texts), "systems": {}}
+    encoded = [ens.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    routing = WindowRouting(ens, encoded)
+    per_text = experts_logprobs(ens, encoded, routing.matrices(ens.n_experts, ens.temperature))
+    results = {"n_texts": len(texts), "temperature": ens.temperature, "systems": {}}
     for top_k in sorted(set(min(k, ens.n_experts) for k in top_ks)):
-        logps = ens.score(texts, top_k=top_k)
-        per_cluster = {}
-        for cid in range(ens.n_clusters):
-            parts = [lp for lp, c in zip(logps, nearest) if c == cid]
-            if parts:
-                flat = np.concatenate(parts)
-                per_cluster[str(cid)] = {"perplexity": float(np.exp(-flat.mean())), "tokens": int(flat.size)}
-        flat = np.concatenate(logps)
+        logps = mix(routing.matrices(top_k, ens.temperature), per_text)
         name = "all experts" if top_k == ens.n_experts else f"top-{top_k}"
-        results["systems"][name] = {"top_k": top_k, "perplexity": float(np.exp(-flat.mean())),
-                                    "tokens": int(flat.size), "per_cluster": per_cluster}
-        log.info("eval: %-12s perplexity %.2f over %d tokens", name, results["systems"][name]["perplexity"],
-                 flat.size)
+        results["systems"][name] = _system(logps, nearest, ens.n_clusters, top_k=top_k)
+        log.info("eval: %-12s perplexity %.2f", name, results["systems"][name]["perplexity"])
+    for expert in ens.active.tolist():
+        results["systems"][f"expert {expert} alone"] = _system([lp[expert] for lp in per_text], nearest,
+                                                               ens.n_clusters, expert=expert)
     return results
+
+
+def plot_results(results: dict, path: Path) -> Path:
+    """Bars: held-out perplexity of every system, overall and on each expert's own cluster."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["systems"])
+    values = [results["systems"][n]["perplexity"] for n in names]
+    own = [results["systems"][n]["per_cluster"].get(str(results["systems"][n].get("expert")), {}).get("perplexity")
+           for n in names]
+    fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(names) + 2), 3.6))
+    x = np.arange(len(names))
+    ax.bar(x - 0.2, values, 0.4, label="all held-out text")
+    ax.bar(x + 0.2, [v or 0 for v in own], 0.4, label="the expert's own cluster")
+    ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("perplexity")
+    ax.set_yscale("log")
+    ax.set_title("Held-out perplexity by system")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def write_results(run_root: Path, results: dict) -> Path:

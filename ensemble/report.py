@@ -76,8 +76,13 @@ def _evaluation_section(run: RunDir) -> list[str]:
     if not path.exists():
         return ["", "Held-out evaluation: run `cbtm eval` to add it here."]
     results = json.loads(path.read_text())
-    lines = ["", "## Held-out perplexity", "", "| system | perplexity | tokens |", "|---|---:|---:|"]
-    lines += [f"| {name} | {r['perplexity']:.2f} | {r['tokens']} |" for name, r in results["systems"].items()]
+    lines = ["", "## Held-out perplexity", "", f"Routing temperature {results.get('temperature')}; a token's weights "
+             "come from the text before it. \"expert i alone\": that expert on all held-out text, and on its own "
+             "cluster's.", "", "![perplexity by system](plots/perplexity.png)", "",
+             "| system | perplexity | tokens | on its own cluster |", "|---|---:|---:|---:|"]
+    for name, r in results["systems"].items():
+        own = r["per_cluster"].get(str(r.get("expert")), {}).get("perplexity")
+        lines.append(f"| {name} | {r['perplexity']:.2f} | {r['tokens']} | {'' if own is None else f'{own:.2f}'} |")
     if (run.plots_dir / "temperature.png").exists():
         lines += ["", "![perplexity by routing temperature](plots/temperature.png)"]
     return lines

@@ -2,7 +2,9 @@
 
 Routing is recomputed once per window of ``route_window`` tokens from the embedding of (at most 256) tokens
 preceding the window, so a text of n tokens costs n / route_window embeddings instead of one per prefix.
-The first window has no preceding context; it uses the prior weights (the clusters' training sizes).
+The first window has no preceding context: every expert scores it, weighted by its cluster's share of the
+training documents (a top-k guess without evidence sends most texts to the wrong specialists, which costs
+more than running all experts on one window); top-k applies from the second window on.
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ class WindowRouting:
 
     def matrices(self, top_k: int, temperature: float) -> list[np.ndarray]:
         """Per text, dense weights float64 [n_tokens, n_clusters] (top_k non-zero per row, rows sum to 1)."""
-        prior_ids, prior_w = self.ens.prior(top_k)
+        prior_ids, prior_w = self.ens.prior(self.ens.n_experts)
         mats = []
         for ids in self.encoded:
             m = np.zeros((len(ids), self.ens.n_clusters))

@@ -289,9 +289,10 @@ def cmd_eval(args) -> int:
 
     _quiet_prefect(args.verbose)
     results = evaluate(str(args.run_dir), args.top_k, args.corpus, args.text_field, args.limit)
-    print(f"Held-out perplexity over {results['n_texts']} documents:")
+    print(f"Held-out perplexity over {results['n_texts']} documents (own cluster in brackets for experts):")
     for name, r in results["systems"].items():
-        print(f"  {name:<12} {r['perplexity']:>9.2f}  ({r['tokens']} tokens)")
+        own = r["per_cluster"].get(str(r.get("expert")), {}).get("perplexity")
+        print(f"  {name:<16} {r['perplexity']:>9.2f}  ({r['tokens']} tokens)" + (f"  [{own:.2f}]" if own else ""))
     print(f"Results: {Path(args.run_dir) / 'eval' / 'results.json'} (and report.md)")
     return 0
 

@@ -327,7 +327,7 @@ def evaluate(run_dir: str, top_ks: list[int] | None = None, corpus: str | None =
     """Held-out perplexity of the ensemble at each top-k (default 1, 2 and all experts), overall and per
     cluster; writes eval/results.json and adds the table to report.md."""
     from ensemble import Ensemble
-    from ensemble.evaluate import evaluate_run, heldout_texts, write_results
+    from ensemble.evaluate import evaluate_run, heldout_texts, plot_results, write_results
 
     ens = Ensemble.load(run_dir)
     top_ks = top_ks or [1, 2, ens.n_experts]
@@ -337,6 +337,7 @@ def evaluate(run_dir: str, top_ks: list[int] | None = None, corpus: str | None =
     texts = heldout_texts(ens, Path(corpus) if corpus else None, text_field)[:limit]
     results = task(evaluate_run, name="score", cache_policy=NO_CACHE)(ens, texts, top_ks)
     write_results(ens.run.root, results)
+    plot_results(results, ens.run.plots_dir / "perplexity.png")
     write_report(ens.run, ens.run.read_manifest(), label_field(PipelineConfig.from_dict(ens.manifest.config),
                                                                ens.run))
     create_table_artifact(key="cbtm-evaluation", description=f"held-out perplexity of {run_dir}",

@@ -72,17 +72,22 @@ def test_all_experts_perplexity_is_the_dense_mixture(ens):
 
 
 def test_top1_mixture_equals_that_expert_alone(ens):
-    text = "Preheat the oven and roast the vegetables."
+    text = "Preheat the oven and roast the vegetables with a little oil and salt. " * 4
     ids = ens.tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert len(ids) <= ens.route_window  # a single routing window: the prior's top expert scores it
-    expert = int(ens.prior(1)[0][0, 0])
+    window = ens.route_window
+    assert len(ids) > 2 * window
+    got = ens.score(text, top_k=1)[0]
+    context = ens.tokenizer.decode(ids[:window])  # what routes the second window
+    expert = ens.route(context, top_k=1)[0][0]
     alone = expert_logprobs(ens.expert_model(expert), [ens.tokenizer.eos_token_id, *ids], ens.max_positions, "cpu")
-    np.testing.assert_allclose(ens.score(text, top_k=1)[0], alone, rtol=1e-9)
-    model = ens.expert_model(expert)
+    np.testing.assert_allclose(got[window:2 * window], alone[window:2 * window], rtol=1e-9)
+    # The first window has no context: every expert scores it, weighted by cluster size.
+    weights = WindowRouting(ens, [ids]).matrices(1, ens.temperature)[0]
+    assert np.all(weights[:window] > 0) and np.count_nonzero(weights[window]) == 1
     with torch.no_grad():
         x = torch.tensor([[ens.tokenizer.eos_token_id, *ids]])
-        loss = float(model(input_ids=x, labels=x).loss)
-    assert ens.perplexity(text, top_k=1) == pytest.approx(np.exp(loss), rel=1e-4)
+        loss = float(ens.expert_model(expert)(input_ids=x, labels=x).loss)
+    assert np.exp(-alone.mean()) == pytest.approx(np.exp(loss), rel=1e-4)
 
 
 @pytest.mark.parametrize("call", [

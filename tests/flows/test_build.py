@@ -102,7 +102,9 @@ def test_cli_query_and_eval_on_a_built_run(built_run, capsys):
     assert out.count("weight") == 2 and "Completion:" in out
     assert main(["eval", str(built_run), "--limit", "6"]) == 0
     results = json.loads((built_run / "eval" / "results.json").read_text())
-    assert {"top-1", "top-2", "all experts"} == set(results["systems"])
+    assert {"top-1", "top-2", "all experts", *(f"expert {i} alone" for i in range(3))} == set(results["systems"])
+    assert (built_run / "plots" / "perplexity.png").exists()
+    assert "## Held-out perplexity" in (built_run / "report.md").read_text()
     assert results["systems"]["top-1"]["perplexity"] > 1
 
 
