@@ -79,9 +79,11 @@ pretrain_task = task(pretrain_seed, name="pretrain-seed", cache_policy=NO_CACHE)
 
 
 def open_run(run: RunDir, cfg: PipelineConfig, force: set[str] = frozenset()) -> Manifest:
-    """Create the run directory or reopen it with the current config (saved as config.toml).
+    """Create the run directory or reopen it.
 
-    A run directory built from another corpus is refused unless ``ingest`` is forced.
+    A run directory built from another corpus is refused unless ``ingest`` is forced. The config of an
+    existing run is replaced only when a build with the new one succeeds (`record_config`), so a failed
+    re-run never leaves a finished run describing a config it was not built with.
     """
     manifest = run.read_manifest() if run.exists() else Manifest()
     corpus = str(Path(cfg.corpus.path).resolve())
@@ -89,14 +91,21 @@ def open_run(run: RunDir, cfg: PipelineConfig, force: set[str] = frozenset()) ->
     if previous and previous != corpus and "ingest" not in force:
         raise UserInputError(f"run directory {run.root} was built from corpus {previous}, not {corpus}: "
                              "pass another --out, or --force ingest to rebuild it from this corpus")
+    new = not run.exists()
     run.root.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(run.root)
+    if new:
+        record_config(cfg, run, manifest)
+    return manifest
+
+
+def record_config(cfg: PipelineConfig, run: RunDir, manifest: Manifest) -> None:
+    """Save ``cfg`` as the run's config (manifest and config.toml)."""
     manifest.config = cfg.to_dict()
     manifest.embedder = cfg.embed.model
     manifest.n_clusters = cfg.cluster.n_clusters
     atomic_write_text(run.config_path, cfg.to_toml())
     run.write_manifest(manifest)
-    return manifest
 
 
 def _embed(cfg: PipelineConfig, run: RunDir, runner: str) -> None:
@@ -241,10 +250,7 @@ def _choose_k(cfg: PipelineConfig, run: RunDir, manifest: Manifest, force: bool)
                                     cfg.cluster.seed, out), force=force)
     best = json.loads((out / "choose_k.json").read_text())["best_k"]
     log.info("  choose_k  best silhouette at k=%d (of %s)", best, cfg.cluster.auto_k)
-    cfg.cluster.n_clusters = best
-    manifest.config, manifest.n_clusters = cfg.to_dict(), best
-    atomic_write_text(run.config_path, cfg.to_toml())
-    run.write_manifest(manifest)
+    cfg.cluster.n_clusters = best  # recorded with the rest of the config when the build succeeds
 
 
 @flow(name="build", log_prints=False, validate_parameters=False)
@@ -258,16 +264,23 @@ def build(config: dict, run_dir: str, until: str = "assemble", force: list[str] 
     """
     if until not in STAGES:
         raise UserInputError(f"--until {until!r} is not a stage: use one of {', '.join(STAGES)}")
-    force = set(force or [])
     cfg = PipelineConfig.from_dict(config)
     run = RunDir(run_dir)
-    manifest = open_run(run, cfg, force)
+    manifest = open_run(run, cfg, set(force or []))
     log.info("run directory %s", run.root)
+    _build_stages(cfg, run, manifest, until, set(force or []), runner)
+    record_config(cfg, run, manifest)
+    return summarize(run)
+
+
+def _build_stages(cfg: PipelineConfig, run: RunDir, manifest: Manifest, until: str, force: set[str],
+                  runner: str) -> None:
+    """Run (or skip) every stage up to and including ``until``."""
     for stage, work in [("ingest", lambda: ingest_task(cfg.corpus, run.corpus_path)),
                         ("embed", lambda: _embed(cfg, run, runner))]:
         run_stage(run, manifest, stage, stage_inputs(cfg, manifest, stage), work, force=stage in force)
         if until == stage:
-            return summarize(run)
+            return
     if cfg.cluster.auto_k:
         _choose_k(cfg, run, manifest, force="cluster" in force)
     labels = label_field(cfg, run)
@@ -275,7 +288,7 @@ def build(config: dict, run_dir: str, until: str = "assemble", force: list[str] 
               lambda: cluster_task(cfg.cluster, run.corpus_path, run.embeddings_dir, run.clusters_dir, labels),
               force="cluster" in force)
     if until == "cluster":
-        return summarize(run)
+        return
     run_stage(run, manifest, "tokenizer", stage_inputs(cfg, manifest, "tokenizer"),
               lambda: tokenizer_task(cfg.seed, run.corpus_path, run.tokenizer_dir), force="train" in force)
     run_stage(run, manifest, "seed", stage_inputs(cfg, manifest, "seed"),
@@ -287,9 +300,8 @@ def build(config: dict, run_dir: str, until: str = "assemble", force: list[str] 
                                         cache_dir=_token_cache(run)), force="train" in force)
     _train_experts(cfg, run, manifest, list(range(cfg.cluster.n_clusters)), force="train" in force, runner=runner)
     if until == "train":
-        return summarize(run)
+        return
     _assemble(cfg, run, manifest)
-    return summarize(run)
 
 
 @flow(name="retrain", log_prints=False, validate_parameters=False)

@@ -104,3 +104,14 @@ def test_ray_builds_the_same_clusters_and_experts_as_threads(built_run, slice_co
         ray_w = load_file(run_dir / "experts" / str(cid) / "model.safetensors")
         for key, value in thread_w.items():
             np.testing.assert_allclose(ray_w[key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_a_failed_rerun_with_a_new_config_keeps_the_finished_runs_config(built_run, slice_corpus, tmp_path, capsys):
+    run_dir = shutil.copytree(built_run, tmp_path / "run")
+    before = (run_dir / "config.toml").read_text(), pipeline.RunDir(run_dir).read_manifest().config
+    # The "domain" values are shorter than corpus.min_chars: ingestion fails after the run was reopened.
+    assert main(["run", "--corpus", str(slice_corpus), "--out", str(run_dir), "--clusters", "4",
+                 "--text-field", "domain"]) == 2
+    assert "empty after cleaning" in capsys.readouterr().err
+    after = (run_dir / "config.toml").read_text(), pipeline.RunDir(run_dir).read_manifest().config
+    assert after == before and (run_dir / "DONE").exists()
