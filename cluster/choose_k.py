@@ -73,11 +73,9 @@ def best_k(results: list[dict]) -> int:
 
 def plot_choose_k(results: list[dict], path: Path, best: int | None = None) -> Path:
     """Inertia (left axis) and silhouette (right axis) against k (log2 axis); the chosen k marked. PNG."""
-    import matplotlib
+    from cluster.report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ks = [r["k"] for r in results]
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     ax.plot(ks, [r["inertia"] for r in results], "o-", color="tab:blue")
@@ -94,12 +92,7 @@ def plot_choose_k(results: list[dict], path: Path, best: int | None = None) -> P
     if best is not None:
         ax.axvline(best, color="grey", linestyle=":", linewidth=1)
     ax.set_title("Choosing k" + (f" (best silhouette: k={best})" if best is not None else ""))
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def choose_k(embeddings_dir: Path, corpus_path: Path, ks: list[int], sample_size: int, seed: int,

@@ -100,7 +100,8 @@ def label_summary(labels: list, cluster_ids: np.ndarray, train_cluster_ids: np.n
             "balanced": balanced}
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (servers have no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,19 +110,20 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, save as PNG (dpi 100; the folder is created) and close ``fig``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
 def plot_cluster_sizes(summary: list[dict], path: Path, capacity: int | None = None) -> Path:
     """Bars of training documents per cluster: nearest centroid, and balanced when ``size_train_balanced`` is
     present (with the cap as a dashed line); ticks show each cluster's top keywords. Writes a PNG."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(4, 0.9 * len(summary) + 2), 3.5))
     x = np.arange(len(summary))
     sizes = [c["size_train"] for c in summary]
@@ -138,7 +140,7 @@ def plot_cluster_sizes(summary: list[dict], path: Path, capacity: int | None = N
     ax.set_xticks(x, ticks, fontsize=7 if len(summary) <= 20 else 5)
     ax.set_ylabel("training documents")
     ax.set_title("Cluster sizes")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def project_2d(vectors: np.ndarray, seed: int = 0, method: str = "auto") -> tuple[np.ndarray, str]:
@@ -164,7 +166,7 @@ def plot_cluster_map(vectors: np.ndarray, labels: np.ndarray, path: Path, seed: 
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(vectors), min(max_points, len(vectors)), replace=False))
     xy, used = project_2d(np.asarray(vectors[rows], dtype=np.float32), seed, method)
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 5))
     k = int(labels.max()) + 1 if len(labels) else 1
     palette = (np.asarray(plt.get_cmap("tab10" if k <= 10 else "tab20").colors) if k <= 20
@@ -177,7 +179,7 @@ def plot_cluster_map(vectors: np.ndarray, labels: np.ndarray, path: Path, seed: 
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(f"{len(rows)} documents, {used.upper()} of the embeddings, coloured by cluster", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_label_heatmap(true_labels, cluster_labels: np.ndarray, n_clusters: int, path: Path,
@@ -189,7 +191,7 @@ def plot_label_heatmap(true_labels, cluster_labels: np.ndarray, n_clusters: int,
     np.add.at(table, (cluster_labels, np.searchsorted(names, true_labels)), 1)
     share = table / np.maximum(table.sum(1, keepdims=True), 1)
     quality = quality or label_quality(true_labels, cluster_labels)
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(4, 0.45 * len(names) + 2.5), max(3, 0.35 * n_clusters + 1.8)))
     im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1, aspect="auto")
     if table.size <= 400:
@@ -203,7 +205,7 @@ def plot_label_heatmap(true_labels, cluster_labels: np.ndarray, n_clusters: int,
     ax.set_ylabel("cluster")
     ax.set_title(f"purity {quality['purity']:.3f}  NMI {quality['nmi']:.3f}  ARI {quality['ari']:.3f}", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.04, label="share of the cluster")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_cluster_plots(clusters_dir: Path, corpus_path: Path, embeddings_dir: Path, plots_dir: Path,

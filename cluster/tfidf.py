@@ -79,13 +79,20 @@ class TfidfEmbedder:
         return cls(vectorizer, svd.components_, info)
 
     def encode(self, texts: list[str], show_progress: bool = False) -> np.ndarray:
-        """Return float32 [len(texts), dim], L2-normalised rows."""
+        """Return float32 [len(texts), dim], L2-normalised rows.
+
+        A text with none of the fitted terms (say, only rare words or digits) has no tf-idf direction: it
+        gets the first SVD axis, which for uncentred tf-idf is closest to the corpus's mean direction, so
+        it is clustered and routed like a typical document instead of failing as an all-zero vector.
+        """
         if not len(texts):
             return np.zeros((0, self.dim), np.float32)
         x = self.vectorizer.transform(list(texts))  # sparse float32 [n, V]
         z = np.asarray(x @ self.components.T, dtype=np.float32)
         norms = np.linalg.norm(z, axis=1, keepdims=True)
-        return np.divide(z, norms, out=np.zeros_like(z), where=norms > 0)
+        out = np.divide(z, norms, out=np.zeros_like(z), where=norms > 0)
+        out[norms[:, 0] == 0, 0] = 1.0
+        return out
 
     def save(self, directory: Path) -> Path:
         """Write the fitted parameters into ``directory`` (atomically, replacing it)."""

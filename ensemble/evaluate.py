@@ -26,7 +26,8 @@ def heldout_texts(ens, corpus: Path | None = None, text_field: str = "text") -> 
 
     ds = load_corpus(Path(corpus))
     if text_field not in ds.column_names:
-        raise UserInputError(f"corpus {corpus} has no field {text_field!r}; its fields are {', '.join(ds.column_names)}")
+        raise UserInputError(f"corpus {corpus} has no field {text_field!r} (the run's text field); its fields are "
+                             f"{', '.join(ds.column_names)}: pass --text-field NAME")
     texts = [t.strip() for t in ds[text_field] if isinstance(t, str) and t.strip()]
     if not texts:
         raise UserInputError(f"corpus {corpus} has no non-empty {text_field!r} values")
@@ -45,37 +46,44 @@ def _system(logps: list[np.ndarray], nearest: list[int], n_clusters: int, **extr
     return {**extra, "perplexity": float(np.exp(-flat.mean())), "tokens": int(flat.size), "per_cluster": per_cluster}
 
 
-def evaluate_run(ens, texts: list[str], top_ks: list[int]) -> dict:
+def evaluate_run(ens, texts: list[str], top_ks: list[int], nearest: list[int] | None = None,
+                 n_clusters: int | None = None, prefix: str = "", experts_alone: bool = True,
+                 routing_vectors: np.ndarray | None = None) -> dict:
     """Perplexity of the ensemble at each top-k and of each expert alone, overall and per cluster.
 
     Every expert runs once over every text; each system is then a different mixture of the same
-    per-token probabilities (routing from preceding context, see `ensemble.scoring`).
+    per-token probabilities (routing from preceding context, see `ensemble.scoring`). ``nearest`` and
+    ``n_clusters`` (default: this run's) define the per-cluster breakdown, so that a baseline is reported
+    on the clusters of the run it is compared with; ``prefix`` names its systems ("dense ", "random ").
+    ``results["routing_vectors"]`` (not JSON: pop it) can be passed to the next call over the same texts.
     """
     from ensemble.scoring import WindowRouting, experts_logprobs, mix
 
-    nearest = [r[0][0] for r in ens.route(texts, top_k=1)]
+    if nearest is None:
+        nearest, n_clusters = [r[0][0] for r in ens.route(texts, top_k=1)], ens.n_clusters
     encoded = [ens.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    routing = WindowRouting(ens, encoded)
+    routing = WindowRouting(ens, encoded, routing_vectors)
     per_text = experts_logprobs(ens, encoded, routing.matrices(ens.n_experts, ens.temperature))
-    results = {"n_texts": len(texts), "temperature": ens.temperature, "systems": {}}
+    results = {"n_texts": len(texts), "temperature": ens.temperature, "systems": {},
+               "routing_vectors": routing.vectors}
     for top_k in sorted(set(min(k, ens.n_experts) for k in top_ks)):
         logps = mix(routing.matrices(top_k, ens.temperature), per_text)
-        name = "all experts" if top_k == ens.n_experts else f"top-{top_k}"
-        results["systems"][name] = _system(logps, nearest, ens.n_clusters, top_k=top_k)
-        log.info("eval: %-12s perplexity %.2f", name, results["systems"][name]["perplexity"])
-    for expert in ens.active.tolist():
+        name = prefix + ("all experts" if top_k == ens.n_experts else f"top-{top_k}")
+        if ens.n_experts == 1:
+            name = prefix.strip() or "the only expert"
+        results["systems"][name] = _system(logps, nearest, n_clusters, top_k=top_k)
+        log.info("eval: %-20s perplexity %.2f", name, results["systems"][name]["perplexity"])
+    for expert in ens.active.tolist() if experts_alone else []:
         results["systems"][f"expert {expert} alone"] = _system([lp[expert] for lp in per_text], nearest,
-                                                               ens.n_clusters, expert=expert)
+                                                               n_clusters, expert=expert)
     return results
 
 
 def plot_results(results: dict, path: Path) -> Path:
     """Bars: held-out perplexity of every system, overall and on each expert's own cluster."""
-    import matplotlib
+    from cluster.report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = list(results["systems"])
     values = [results["systems"][n]["perplexity"] for n in names]
     own = [results["systems"][n]["per_cluster"].get(str(results["systems"][n].get("expert")), {}).get("perplexity")
@@ -89,11 +97,27 @@ def plot_results(results: dict, path: Path) -> Path:
     ax.set_yscale("log")
     ax.set_title("Held-out perplexity by system")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
+
+
+def plot_per_cluster(results: dict, path: Path) -> Path:
+    """Held-out perplexity on each cluster's documents, one line per system (experts alone left out)."""
+    from cluster.report import pyplot, save_figure
+
+    plt = pyplot()
+    systems = {n: r for n, r in results["systems"].items() if "expert" not in r}
+    clusters = sorted({int(c) for r in systems.values() for c in r["per_cluster"]})
+    fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(clusters) + 3), 3.6))
+    for i, (name, r) in enumerate(systems.items()):
+        ys = [r["per_cluster"].get(str(c), {}).get("perplexity", np.nan) for c in clusters]
+        ax.plot(clusters, ys, "o-" if i < 10 else "s--", label=name, markersize=4)
+    ax.set_xticks(clusters)
+    ax.set_xlabel("cluster (each held-out document's nearest centroid)")
+    ax.set_ylabel("perplexity")
+    ax.set_yscale("log")
+    ax.set_title("Held-out perplexity per cluster")
+    ax.legend(fontsize=7, ncol=2)
+    return save_figure(fig, path)
 
 
 def write_results(run_root: Path, results: dict) -> Path:
@@ -104,11 +128,9 @@ def write_results(run_root: Path, results: dict) -> Path:
 
 def plot_temperature(results: dict, path: Path) -> Path:
     """Held-out perplexity against the routing temperature (log x axis), the chosen T marked."""
-    import matplotlib
+    from cluster.report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     grid = results["grid"]
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot([r["temperature"] for r in grid], [r["perplexity"] for r in grid], "o-")
@@ -117,8 +139,4 @@ def plot_temperature(results: dict, path: Path) -> Path:
     ax.set_xlabel("routing temperature T")
     ax.set_ylabel(f"held-out perplexity (top-{results['top_k']})")
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

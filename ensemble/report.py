@@ -15,11 +15,9 @@ log = logging.getLogger(__name__)
 
 def plot_loss_curves(run: RunDir, cluster_ids: list[int], path: Path) -> Path:
     """Training (solid) and validation (dots) loss against tokens seen, one colour per expert."""
-    import matplotlib
+    from cluster.report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for i, cid in enumerate(cluster_ids):
         rows = read_metrics(run.expert_dir(cid))
@@ -32,11 +30,7 @@ def plot_loss_curves(run: RunDir, cluster_ids: list[int], path: Path) -> Path:
     ax.set_ylabel("loss (nats/token)")
     ax.set_title("Expert training: train (line), held-out (dots)")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _fmt(x) -> str:
@@ -78,11 +72,35 @@ def _evaluation_section(run: RunDir) -> list[str]:
     results = json.loads(path.read_text())
     lines = ["", "## Held-out perplexity", "", f"Routing temperature {results.get('temperature')}; a token's weights "
              "come from the text before it. \"expert i alone\": that expert on all held-out text, and on its own "
-             "cluster's.", "", "![perplexity by system](plots/perplexity.png)", "",
+             "cluster's.", *_baselines_note(results), "", "![perplexity by system](plots/perplexity.png)",
+             "![perplexity per cluster](plots/perplexity_per_cluster.png)", "",
              "| system | perplexity | tokens | on its own cluster |", "|---|---:|---:|---:|"]
     for name, r in results["systems"].items():
         own = r["per_cluster"].get(str(r.get("expert")), {}).get("perplexity")
         lines.append(f"| {name} | {r['perplexity']:.2f} | {r['tokens']} | {'' if own is None else f'{own:.2f}'} |")
+    if results.get("clusters"):
+        lines += ["", *_per_cluster_table(results)]
     if (run.plots_dir / "temperature.png").exists():
         lines += ["", "![perplexity by routing temperature](plots/temperature.png)"]
+    return lines
+
+
+def _baselines_note(results: dict) -> list[str]:
+    notes = [f"`{kind}` ({b['n_experts']} expert(s), `{b['path']}`)" for kind, b in results.get("baselines", {}).items()]
+    if not notes:
+        return []
+    budget = next(iter(results["baselines"].values()))["budget_tokens"]
+    return [f"Baselines trained by the same code at the same total budget ({budget:,} tokens): " + ", ".join(notes)
+            + "."]
+
+
+def _per_cluster_table(results: dict) -> list[str]:
+    """Perplexity per cluster (columns) of every system but the single experts (rows)."""
+    systems = {n: r for n, r in results["systems"].items() if "expert" not in r}
+    clusters = [str(c) for c in results["clusters"]]
+    lines = ["Per cluster (held-out documents by nearest centroid):", "",
+             "| system | " + " | ".join(clusters) + " |", "|---|" + "---:|" * len(clusters)]
+    for name, r in systems.items():
+        cells = [f"{r['per_cluster'][c]['perplexity']:.2f}" if c in r["per_cluster"] else "" for c in clusters]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines

@@ -34,7 +34,9 @@ def expert_logprobs(model, ids: list[int], max_positions: int, device: str) -> n
 class WindowRouting:
     """Routing of every scoring window of a batch of tokenised texts; embeds each context once."""
 
-    def __init__(self, ens, encoded: list[list[int]]):
+    def __init__(self, ens, encoded: list[list[int]], vectors: np.ndarray | None = None):
+        """``vectors``: the context embeddings of another `WindowRouting` over the same texts, tokenizer and
+        window (another run derived from the same one), so that they are not computed twice."""
         from cluster.kmeans import squared_distances
 
         self.ens, self.encoded, self.window = ens, encoded, ens.route_window
@@ -44,7 +46,10 @@ class WindowRouting:
                 start = c * self.window
                 contexts.append(ens.tokenizer.decode(ids[max(0, start - ROUTE_CONTEXT_TOKENS):start]))
                 self.owners.append((ti, c))
-        self.sq_distances = squared_distances(ens.embed(contexts), ens.centroids) if contexts else None
+        if vectors is None or len(vectors) != len(contexts):
+            vectors = ens.embed(contexts) if contexts else None
+        self.vectors = vectors  # float32 [n_contexts, dim]
+        self.sq_distances = squared_distances(vectors, ens.centroids) if contexts else None
 
     def matrices(self, top_k: int, temperature: float) -> list[np.ndarray]:
         """Per text, dense weights float64 [n_tokens, n_clusters] (top_k non-zero per row, rows sum to 1)."""

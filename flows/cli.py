@@ -89,15 +89,22 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--top-k", type=int, default=None, help="experts mixed while scoring (default: the run's)")
     tune.add_argument("--limit", metavar="N", type=int, default=None, help="use at most N held-out documents")
 
-    ev = sub.add_parser("eval", help="held-out perplexity of the ensemble at top-1, top-2 and all experts",
-                        description="Score held-out text under the ensemble (routing from preceding context) "
-                        "and write RUN/eval/results.json.")
+    ev = sub.add_parser("eval", help="held-out perplexity of the ensemble, its experts and equal-budget baselines",
+                        description="Score held-out text under the ensemble (routing from preceding context) at "
+                        "top-1, top-2, top-4 and all experts, each expert alone, and optional baselines trained at "
+                        "the run's total token budget; write RUN/eval/results.json, plots and report.md.")
     ev.add_argument("run_dir", metavar="RUN", help="a finished run directory")
     ev.add_argument("--corpus", metavar="PATH", help="evaluate on this corpus instead of the run's held-out split")
-    ev.add_argument("--text-field", metavar="NAME", default="text", help="text field of --corpus (default: text)")
+    ev.add_argument("--text-field", metavar="NAME", default=None,
+                    help="text field of --corpus (default: the run's corpus.text_field)")
     ev.add_argument("--top-k", metavar="K", type=int, action="append", help="top-k to evaluate (repeatable; "
-                    "default: 1, 2 and all)")
+                    "default: 1, 2, 4 and all)")
     ev.add_argument("--limit", metavar="N", type=int, default=None, help="evaluate at most N documents")
+    ev.add_argument("--baselines", metavar="LIST", default="",
+                    help="comma-separated: dense (one model, k = 1) and/or random (random clusters of the same "
+                    "sizes), trained at the same total token budget and cached in RUN/baselines")
+    ev.add_argument("--runner", metavar="SPEC", default="thread", help="task runner for baseline training, as for "
+                    "`cbtm run`")
     return p
 
 
@@ -285,14 +292,25 @@ def cmd_tune_temperature(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from flows.pipeline import evaluate
+    from flows.baselines import parse_baselines
+    from flows.evaluation import evaluate
+    from flows.runners import shared_api_server, task_runner
 
+    baselines = parse_baselines(args.baselines)  # bad names fail before Prefect starts
+    if args.limit is not None and args.limit < 1:
+        raise UserInputError(f"--limit must be >= 1, got {args.limit}")
     _quiet_prefect(args.verbose)
-    results = evaluate(str(args.run_dir), args.top_k, args.corpus, args.text_field, args.limit)
+    runner = task_runner(args.runner)
+    with shared_api_server(args.runner):
+        results = evaluate.with_options(task_runner=runner)(str(args.run_dir), args.top_k, args.corpus,
+                                                            args.text_field, args.limit, baselines, args.runner)
     print(f"Held-out perplexity over {results['n_texts']} documents (own cluster in brackets for experts):")
     for name, r in results["systems"].items():
         own = r["per_cluster"].get(str(r.get("expert")), {}).get("perplexity")
-        print(f"  {name:<16} {r['perplexity']:>9.2f}  ({r['tokens']} tokens)" + (f"  [{own:.2f}]" if own else ""))
+        print(f"  {name:<22} {r['perplexity']:>9.2f}  ({r['tokens']} tokens)" + (f"  [{own:.2f}]" if own else ""))
+    for kind, b in results["baselines"].items():
+        print(f"Baseline {kind}: {b['n_experts']} expert(s), {b['budget_tokens']:,} training tokens in all "
+              f"({Path(args.run_dir) / b['path']})")
     print(f"Results: {Path(args.run_dir) / 'eval' / 'results.json'} (and report.md)")
     return 0
 

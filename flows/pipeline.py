@@ -333,31 +333,6 @@ def retrain(run_dir: str, cluster_ids: list[int], runner: str = "thread", from_c
     return summarize(run)
 
 
-@flow(name="evaluate", log_prints=False, validate_parameters=False)
-def evaluate(run_dir: str, top_ks: list[int] | None = None, corpus: str | None = None, text_field: str = "text",
-             limit: int | None = None) -> dict:
-    """Held-out perplexity of the ensemble at each top-k (default 1, 2 and all experts), overall and per
-    cluster; writes eval/results.json and adds the table to report.md."""
-    from ensemble import Ensemble
-    from ensemble.evaluate import evaluate_run, heldout_texts, plot_results, write_results
-
-    ens = Ensemble.load(run_dir)
-    top_ks = top_ks or [1, 2, ens.n_experts]
-    bad = [k for k in top_ks if not 1 <= k <= ens.n_experts]
-    if bad:
-        raise UserInputError(f"--top-k {bad[0]} is out of range: this run has {ens.n_experts} experts")
-    texts = heldout_texts(ens, Path(corpus) if corpus else None, text_field)[:limit]
-    results = task(evaluate_run, name="score", cache_policy=NO_CACHE)(ens, texts, top_ks)
-    write_results(ens.run.root, results)
-    plot_results(results, ens.run.plots_dir / "perplexity.png")
-    write_report(ens.run, ens.run.read_manifest(), label_field(PipelineConfig.from_dict(ens.manifest.config),
-                                                               ens.run))
-    create_table_artifact(key="cbtm-evaluation", description=f"held-out perplexity of {run_dir}",
-                          table=[{"system": name, "perplexity": round(r["perplexity"], 3), "tokens": r["tokens"]}
-                                 for name, r in results["systems"].items()])
-    return results
-
-
 def default_corpus() -> Path:
     """The embedded demo corpus shipped with the project."""
     return Path(__file__).resolve().parent.parent / "data" / "demo"

@@ -33,8 +33,7 @@ def test_fit_save_reload_gives_the_same_vectors_from_open_formats(corpus, tmp_pa
     assert a.shape == (len(probe), 16) and a.dtype == np.float32
     np.testing.assert_array_equal(a, b)
     norms = np.linalg.norm(a, axis=1)
-    np.testing.assert_allclose(norms[:-2], 1.0, atol=1e-5)
-    assert norms[-2] == 0 and norms[-1] == 0  # no known term: the zero vector, not NaN
+    np.testing.assert_allclose(norms, 1.0, atol=1e-5)  # no known term: a unit vector too, not zeros or NaN
 
 
 def test_vectors_separate_domains(corpus):
@@ -71,3 +70,11 @@ def test_tfidf_without_its_fitted_parameters_is_one_clear_error(tmp_path):
             load_embedder(EmbedConfig(kind="tfidf"), where)
         assert "\n" not in str(err.value)
     assert "cbtm run --force embed" in str(err.value)
+
+
+def test_a_text_without_any_fitted_term_gets_a_unit_vector_not_zeros(corpus):
+    texts = read_documents(corpus, split="train").column("text").to_pylist()
+    fitted = TfidfEmbedder.fit(texts, dim=8)
+    z = fitted.encode(["zzqx 12345 qqqqv", texts[0]])
+    np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, rtol=1e-5)
+    assert z[0].tolist() == [1.0] + [0.0] * 7  # the first SVD axis: the corpus's mean direction

@@ -1,0 +1,104 @@
+"""`cbtm eval --baselines`: dense and random-cluster runs trained by the same code at the same token budget."""
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from ensemble import Ensemble
+from ensemble.rundir import RunDir, UserInputError, hash_path
+from flows.baselines import parse_baselines, plan_baseline, plan_derived
+from flows.cli import main
+from tests.conftest import write_jsonl
+
+
+@pytest.fixture
+def run_copy(built_run, tmp_path):
+    """A private copy of the session's built run (evaluation writes into it)."""
+    return shutil.copytree(built_run, tmp_path / "run", ignore=shutil.ignore_patterns("eval", "baselines"))
+
+
+def train_sizes(run: RunDir) -> list[int]:
+    table = pq.read_table(run.clusters_dir / "assignments.parquet", columns=["split", "train_cluster_id"])
+    train = np.array(table.column("split").to_pylist()) == "train"
+    return np.bincount(table.column("train_cluster_id").to_numpy()[train]).tolist()
+
+
+def steps(run: RunDir) -> int:
+    return sum(e["steps"] for e in run.read_manifest().experts.values())
+
+
+def test_eval_with_baselines_at_the_same_budget_is_cached_and_reported(run_copy, capsys):
+    assert main(["eval", str(run_copy), "--baselines", "dense,random", "--limit", "4"]) == 0
+    out = capsys.readouterr().out
+    results = json.loads((run_copy / "eval" / "results.json").read_text())
+    assert {"dense", "random top-1", "random top-2", "random all experts", "top-1"} <= set(results["systems"])
+    parent, dense, rand = RunDir(run_copy), RunDir(run_copy / "baselines/dense"), RunDir(run_copy / "baselines/random")
+    # Same total budget: the parent's 3 x 30 steps, all to the dense model, split by size over random clusters.
+    assert steps(parent) == steps(dense) == steps(rand) == 90
+    assert list(dense.read_manifest().experts) == ["0"] and dense.read_manifest().experts["0"]["steps"] == 90
+    assert train_sizes(rand) == train_sizes(parent)
+    assert results["baselines"]["dense"]["budget_tokens"] == 90 * 4 * 32 and "Baseline dense" in out
+    # Every system is reported on the parent's clusters, with token counts that match across systems.
+    assert set(results["systems"]["dense"]["per_cluster"]) <= {"0", "1", "2"}
+    assert results["systems"]["dense"]["tokens"] == results["systems"]["top-1"]["tokens"]
+    assert (run_copy / "plots" / "perplexity_per_cluster.png").stat().st_size > 0
+    report = (run_copy / "report.md").read_text()
+    assert "Baselines trained by the same code" in report and "| dense |" in report
+    assert Ensemble.load(run_copy / "baselines" / "random").n_experts == 3  # a complete, loadable run
+    before = {d: hash_path(run_copy / "baselines" / d / "experts") for d in ("dense", "random")}
+    assert main(["eval", str(run_copy), "--baselines", "random,dense", "--limit", "4"]) == 0
+    err = capsys.readouterr().err
+    assert "baseline dense 0 expert(s) to train, 1 up to date" in err
+    assert before == {d: hash_path(run_copy / "baselines" / d / "experts") for d in ("dense", "random")}
+
+
+def test_a_baseline_retrains_only_its_deleted_expert(run_copy, prefect_harness):
+    plan = plan_baseline(RunDir(run_copy), "random")
+    assert plan.todo == [0, 1, 2]
+    from flows.baselines import build_derived
+
+    build_derived(plan, show_progress=False)
+    shutil.rmtree(run_copy / "baselines" / "random" / "experts" / "1")
+    assert plan_baseline(RunDir(run_copy), "random").todo == [1]
+
+
+def test_eval_of_a_run_with_untrained_experts_names_them_and_evaluates_nothing(run_copy, capsys):
+    shutil.rmtree(run_copy / "experts" / "1")
+    assert main(["eval", str(run_copy), "--baselines", "dense"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no trained expert for cluster(s) [1]" in err[0] and "nothing was evaluated" in err[0]
+    assert not (run_copy / "eval").exists() and not (run_copy / "baselines").exists()
+
+
+def test_eval_corpus_without_the_runs_text_field_is_one_clear_line(run_copy, tmp_path, capsys):
+    other = write_jsonl(tmp_path / "other.jsonl", [{"body": "A text under another field name.", "id": "1"}])
+    assert main(["eval", str(run_copy), "--corpus", str(other)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no field 'text'" in err[0] and "--text-field" in err[0]
+    assert not (run_copy / "eval").exists()
+
+
+@pytest.mark.parametrize("argv,match", [(["--baselines", "dense,moe"], "unknown baseline 'moe'"),
+                                        (["--limit", "0"], "--limit must be >= 1")])
+def test_eval_bad_options_exit_2(run_copy, argv, match, capsys):
+    assert main(["eval", str(run_copy), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0]
+
+
+def test_a_budget_too_small_for_a_baseline_is_one_clear_error(run_copy, tmp_path):
+    from cluster.fixed import fixed_clusters
+
+    parent = RunDir(run_copy)
+    labels = np.arange(sum(train_sizes(parent))) % 3
+    with pytest.raises(UserInputError, match="baseline random: train.total_tokens=100 is less than one step") as e:
+        plan_derived(parent, tmp_path / "b", "baseline random", {"k": 3}, 3,
+                     lambda out: fixed_clusters(parent.corpus_path, parent.embeddings_dir, labels, 3, out), 100)
+    assert "\n" not in str(e.value)
+
+
+def test_parse_baselines_keeps_order_and_drops_repeats():
+    assert parse_baselines("random, dense,random") == ["random", "dense"]
+    assert parse_baselines(None) == [] and parse_baselines("") == []
