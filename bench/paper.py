@@ -48,8 +48,9 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--ks", default="1,2,4,8,16", help="numbers of clusters (1 = dense)")
     p.add_argument("--budget", type=int, default=3_000_000, help="training tokens per system (all experts)")
     p.add_argument("--preset", default="tiny", help="from-scratch seed preset (default: %(default)s)")
-    p.add_argument("--pretrain", type=int, default=1_000_000, help="seed phase: tokens the seed is trained on (the whole "
-                   "training split) before the systems branch from it; not counted in --budget, shared by all")
+    p.add_argument("--pretrain", type=int, default=1_000_000,
+                   help="seed phase: tokens the seed is trained on (the whole training split) before the systems "
+                   "branch from it; not counted in --budget, shared by all")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--eval-docs", type=int, default=300, help="test documents per corpus (seeded sample)")
     p.add_argument("--eval-chars", type=int, default=3000, help="each test document cut to this many characters")
@@ -61,9 +62,11 @@ def _args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build_parent(corpus: str, k: int, args) -> RunDir:
-    """`cbtm run` on the corpus's train split with k learned balanced clusters (skips what is current)."""
+def build_parent(corpus: str, k: int, args) -> tuple[RunDir, bool]:
+    """`cbtm run` on the corpus's train split with k learned balanced clusters (skips what is current);
+    also says whether any expert was trained now."""
     out = args.out / corpus / "run"
+    before = _expert_mtimes(out)
     sets = [f"train.total_tokens={args.budget}", f'seed.model="preset:{args.preset}"',
             f"seed.vocab_size={args.vocab_size}", "corpus.heldout_fraction=0.02", 'corpus.label_field="label"',
             "train.eval_every=1000000", "train.checkpoint_every=0", "train.batch_size=8", "train.block_size=128"]
@@ -74,7 +77,11 @@ def build_parent(corpus: str, k: int, args) -> RunDir:
     cmd = [str(Path(sys.executable).parent / "cbtm"), "run", "--corpus", str(SHARED / corpus / "train.jsonl.gz"),
            "--out", str(out), "--clusters", str(k)] + [a for s in sets for a in ("--set", s)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return RunDir(out)
+    return RunDir(out), _expert_mtimes(out) != before
+
+
+def _expert_mtimes(root: Path) -> dict:
+    return {p: p.stat().st_mtime_ns for p in root.glob("experts/*/model.safetensors")}
 
 
 def learned(parent: RunDir, k: int, balanced: bool, budget: int) -> RunDir:
@@ -86,7 +93,7 @@ def learned(parent: RunDir, k: int, balanced: bool, budget: int) -> RunDir:
     plan = plan_derived(parent, parent.root.parent / name, name, dataclasses.asdict(cfg), k,
                         lambda out: cluster_corpus(cfg, parent.corpus_path, parent.embeddings_dir, out),
                         budget, cluster_overrides={"balanced": balanced})
-    return build_derived(plan, show_progress=False)
+    return build_derived(plan, show_progress=False), bool(plan.todo)
 
 
 def fixed(parent: RunDir, name: str, labels, k: int, budget: int) -> RunDir:
@@ -95,7 +102,7 @@ def fixed(parent: RunDir, name: str, labels, k: int, budget: int) -> RunDir:
     plan = plan_derived(parent, parent.root.parent / name, name, {"labels": labels.tolist()}, k,
                         lambda out: fixed_clusters(parent.corpus_path, parent.embeddings_dir, labels, k, out),
                         budget, cluster_overrides={"balanced": False})
-    return build_derived(plan, show_progress=False)
+    return build_derived(plan, show_progress=False), bool(plan.todo)
 
 
 def test_texts(corpus: str, n: int, chars: int) -> list[str]:
@@ -121,28 +128,32 @@ def score(run: RunDir, texts: list[str], shared: dict) -> dict:
 
 def run_corpus(corpus: str, ks: list[int], args) -> list[dict]:
     t0 = time.perf_counter()
-    parent = build_parent(corpus, max(ks), args)
-    print(f"[{corpus}] k={max(ks)} run built in {time.perf_counter() - t0:.0f}s", flush=True)
+    parent, parent_trained = build_parent(corpus, max(ks), args)
+    built = time.perf_counter() - t0
+    print(f"[{corpus}] k={max(ks)} run built in {built:.0f}s", flush=True)
     texts, shared, rows = test_texts(corpus, args.eval_docs, args.eval_chars), {}, []
     n_train = len(baseline_labels(parent, "dense")[0])
+    # Each maker returns (run, whether it trained now); the largest k is the parent, built above.
     systems = [("dense", 1, lambda: fixed(parent, "k1-dense", baseline_labels(parent, "dense")[0], 1, args.budget))]
     for k in [k for k in ks if k > 1]:
-        lb = (lambda k=k: parent if k == max(ks) else learned(parent, k, True, args.budget))
+        lb = (lambda k=k: (parent, False) if k == max(ks) else learned(parent, k, True, args.budget))
         systems += [("learned balanced", k, lb),
                     ("learned unbalanced", k, lambda k=k: learned(parent, k, False, args.budget)),
-                    ("random", k, lambda k=k, lb=lb: fixed(parent, f"k{k}-random", baseline_labels(lb(), "random")[0],
-                                                           k, args.budget))]
+                    ("random", k, lambda k=k, lb=lb: fixed(parent, f"k{k}-random",
+                                                           baseline_labels(lb()[0], "random")[0], k, args.budget))]
     wanted = {"dense", *(s.strip() for s in args.systems.split(","))}
     systems = [s for s in systems if s[0] in wanted]
     for name, k, make in systems:
         t = time.perf_counter()
-        run = make()
-        trained = time.perf_counter() - t
+        run, fresh = make()
+        trained, t = time.perf_counter() - t, time.perf_counter()
+        if k == max(ks) and name == "learned balanced":
+            trained, fresh = built, parent_trained  # the parent run: its build time (seed phase included)
         row = {"corpus": corpus, "system": name, "k": k, **score(run, texts, shared),
-               "train_s": round(trained, 1), "eval_s": round(time.perf_counter() - t - trained, 1)}
+               "train_s": round(trained, 1) if fresh else None, "eval_s": round(time.perf_counter() - t, 1)}
         rows.append(row)
         print(f"[{corpus}] {name:<18} k={k:<2} top-1 {row['top-1']:8.2f}  top-2 {row['top-2']:8.2f}  "
-              f"all {row['all']:8.2f}  ({row['train_s']:.0f}s train, {row['eval_s']:.0f}s eval)", flush=True)
+              f"all {row['all']:8.2f}  ({_secs(row['train_s'])} train, {row['eval_s']:.0f}s eval)", flush=True)
     print(f"[{corpus}] {n_train} training documents, {len(texts)} test documents, {rows[0]['tokens']} test tokens, "
           f"{time.perf_counter() - t0:.0f}s", flush=True)
     return rows
@@ -179,12 +190,16 @@ def targets(rows: list[dict]) -> list[str]:
     return out
 
 
+def _secs(train_s: float | None) -> str:
+    return "cached" if train_s is None else f"{train_s:.0f}s"
+
+
 def print_table(rows: list[dict]) -> None:
     print("\n| corpus | system | k | top-1 | top-2 | all experts | train s | eval s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['corpus']} | {r['system']} | {r['k']} | {r['top-1']:.2f} | {r['top-2']:.2f} | {r['all']:.2f} | "
-              f"{r['train_s']:.0f} | {r['eval_s']:.0f} |")
+              f"{_secs(r['train_s'])} | {r['eval_s']:.0f} |")
 
 
 def plot(rows: list[dict], path: Path, budget: int) -> None:
