@@ -6,10 +6,25 @@ routing-weighted sum of its experts' probabilities; sampling, stop strings and r
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg(model_cls: type) -> str:
+    """The forward() keyword of the KV cache: ``cache`` in transformers >= 5.2x, ``past_key_values`` before
+    (the old name still works there but warns on every call)."""
+    return "cache" if "cache" in inspect.signature(model_cls.forward).parameters else "past_key_values"
+
+
+def _kv_cache(out):
+    """The KV cache of a forward() output under either name (reading the old one warns in newer versions)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 def pick_token(probs, do_sample: bool, temperature: float, top_p: float, generator) -> int:
@@ -71,7 +86,7 @@ class MixtureDecoder:
         extra = {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp_min(0)} if padded else {}
         with torch.inference_mode():
             out = self.ens.expert_model(expert)(input_ids=ids, use_cache=True, **extra)
-        self.states[expert] = _ExpertState(rows, out.past_key_values, mask if padded else None,
+        self.states[expert] = _ExpertState(rows, _kv_cache(out), mask if padded else None,
                                            torch.softmax(out.logits[:, -1].float(), dim=-1))
 
     def probs(self):
@@ -98,8 +113,10 @@ class MixtureDecoder:
                 if st.mask is not None:
                     st.mask = torch.cat([st.mask, torch.ones_like(st.mask[:, :1])], dim=1)
                     extra = {"attention_mask": st.mask, "position_ids": st.mask.sum(-1, keepdim=True) - 1}
-                out = self.ens.expert_model(expert)(input_ids=step, past_key_values=st.cache, use_cache=True, **extra)
-                st.cache, st.probs = out.past_key_values, torch.softmax(out.logits[:, -1].float(), dim=-1)
+                model = self.ens.expert_model(expert)
+                extra[_cache_kwarg(type(model))] = st.cache
+                out = model(input_ids=step, use_cache=True, **extra)
+                st.cache, st.probs = _kv_cache(out), torch.softmax(out.logits[:, -1].float(), dim=-1)
 
     def reroute(self, routes: list[dict[int, float]]) -> None:
         """New weights per row; experts whose set of rows changed are re-filled from the full context."""
