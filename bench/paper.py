@@ -84,7 +84,7 @@ def _expert_mtimes(root: Path) -> dict:
     return {p: p.stat().st_mtime_ns for p in root.glob("experts/*/model.safetensors")}
 
 
-def learned(parent: RunDir, k: int, balanced: bool, budget: int) -> RunDir:
+def learned(parent: RunDir, k: int, balanced: bool, budget: int) -> tuple[RunDir, float | None]:
     from cluster.kmeans import cluster_corpus
 
     base = PipelineConfig.from_dict(parent.read_manifest().config).cluster
@@ -93,16 +93,23 @@ def learned(parent: RunDir, k: int, balanced: bool, budget: int) -> RunDir:
     plan = plan_derived(parent, parent.root.parent / name, name, dataclasses.asdict(cfg), k,
                         lambda out: cluster_corpus(cfg, parent.corpus_path, parent.embeddings_dir, out),
                         budget, cluster_overrides={"balanced": balanced})
-    return build_derived(plan, show_progress=False), bool(plan.todo)
+    return _build(plan)
 
 
-def fixed(parent: RunDir, name: str, labels, k: int, budget: int) -> RunDir:
+def fixed(parent: RunDir, name: str, labels, k: int, budget: int) -> tuple[RunDir, float | None]:
     from cluster.fixed import fixed_clusters
 
     plan = plan_derived(parent, parent.root.parent / name, name, {"labels": labels.tolist()}, k,
                         lambda out: fixed_clusters(parent.corpus_path, parent.embeddings_dir, labels, k, out),
                         budget, cluster_overrides={"balanced": False})
-    return build_derived(plan, show_progress=False), bool(plan.todo)
+    return _build(plan)
+
+
+def _build(plan) -> tuple[RunDir, float | None]:
+    """(the derived run, seconds spent training it now; None when every expert was already trained)."""
+    t = time.perf_counter()
+    run = build_derived(plan, show_progress=False)
+    return run, (time.perf_counter() - t) if plan.todo else None
 
 
 def test_texts(corpus: str, n: int, chars: int) -> list[str]:
@@ -133,10 +140,11 @@ def run_corpus(corpus: str, ks: list[int], args) -> list[dict]:
     print(f"[{corpus}] k={max(ks)} run built in {built:.0f}s", flush=True)
     texts, shared, rows = test_texts(corpus, args.eval_docs, args.eval_chars), {}, []
     n_train = len(baseline_labels(parent, "dense")[0])
-    # Each maker returns (run, whether it trained now); the largest k is the parent, built above.
+    # Each maker returns (run, training seconds or None when cached); the largest k is the parent, built above.
     systems = [("dense", 1, lambda: fixed(parent, "k1-dense", baseline_labels(parent, "dense")[0], 1, args.budget))]
     for k in [k for k in ks if k > 1]:
-        lb = (lambda k=k: (parent, False) if k == max(ks) else learned(parent, k, True, args.budget))
+        lb = (lambda k=k: (parent, built if parent_trained else None) if k == max(ks)
+              else learned(parent, k, True, args.budget))
         systems += [("learned balanced", k, lb),
                     ("learned unbalanced", k, lambda k=k: learned(parent, k, False, args.budget)),
                     ("random", k, lambda k=k, lb=lb: fixed(parent, f"k{k}-random",
@@ -144,13 +152,10 @@ def run_corpus(corpus: str, ks: list[int], args) -> list[dict]:
     wanted = {"dense", *(s.strip() for s in args.systems.split(","))}
     systems = [s for s in systems if s[0] in wanted]
     for name, k, make in systems:
+        run, train_s = make()  # the parent's is its whole build time, seed phase included
         t = time.perf_counter()
-        run, fresh = make()
-        trained, t = time.perf_counter() - t, time.perf_counter()
-        if k == max(ks) and name == "learned balanced":
-            trained, fresh = built, parent_trained  # the parent run: its build time (seed phase included)
         row = {"corpus": corpus, "system": name, "k": k, **score(run, texts, shared),
-               "train_s": round(trained, 1) if fresh else None, "eval_s": round(time.perf_counter() - t, 1)}
+               "train_s": None if train_s is None else round(train_s, 1), "eval_s": round(time.perf_counter() - t, 1)}
         rows.append(row)
         print(f"[{corpus}] {name:<18} k={k:<2} top-1 {row['top-1']:8.2f}  top-2 {row['top-2']:8.2f}  "
               f"all {row['all']:8.2f}  ({_secs(row['train_s'])} train, {row['eval_s']:.0f}s eval)", flush=True)
@@ -195,11 +200,11 @@ def _secs(train_s: float | None) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("\n| corpus | system | k | top-1 | top-2 | all experts | train s | eval s |")
+    print("\n| corpus | system | k | top-1 | top-2 | all experts | train | eval |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['corpus']} | {r['system']} | {r['k']} | {r['top-1']:.2f} | {r['top-2']:.2f} | {r['all']:.2f} | "
-              f"{_secs(r['train_s'])} | {r['eval_s']:.0f} |")
+              f"{_secs(r['train_s'])} | {r['eval_s']:.0f}s |")
 
 
 def plot(rows: list[dict], path: Path, budget: int) -> None:
