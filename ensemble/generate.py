@@ -16,8 +16,8 @@ import numpy as np
 
 @functools.lru_cache(maxsize=None)
 def _cache_kwarg(model_cls: type) -> str:
-    """The forward() keyword of the KV cache: ``cache`` in transformers >= 5.2x, ``past_key_values`` before
-    (the old name still works there but warns on every call)."""
+    """The forward() keyword of the KV cache: ``cache`` in recent transformers (5.24 here), ``past_key_values``
+    in older ones (where the new name does not exist; the old one still works in recent ones but warns)."""
     return "cache" if "cache" in inspect.signature(model_cls.forward).parameters else "past_key_values"
 
 
