@@ -30,7 +30,7 @@ import logging
 
 import numpy as np
 
-from ensemble.rundir import UserInputError
+from ground.errors import UserInputError
 
 log = logging.getLogger(__name__)
 

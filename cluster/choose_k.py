@@ -8,8 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
+from cluster.corpus import read_documents
+from cluster.embed import load_embeddings
 from cluster.kmeans import SphericalKMeans, check_rows, normalize_rows
-from ensemble.rundir import UserInputError, atomic_write_text
+from ground.errors import UserInputError
+from ground.files import atomic_write_text
+from ground.plots import figure, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +77,9 @@ def best_k(results: list[dict]) -> int:
 
 def plot_choose_k(results: list[dict], path: Path, best: int | None = None) -> Path:
     """Inertia (left axis) and silhouette (right axis) against k (log2 axis); the chosen k marked. PNG."""
-    from cluster.report import pyplot, save_figure
-
-    plt = pyplot()
     ks = [r["k"] for r in results]
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    fig = figure(figsize=(5.5, 3.5))
+    ax = fig.subplots()
     ax.plot(ks, [r["inertia"] for r in results], "o-", color="tab:blue")
     ax.set_xlabel("k (number of clusters)")
     ax.set_ylabel("inertia (mean squared distance)", color="tab:blue")
@@ -102,9 +104,6 @@ def choose_k(embeddings_dir: Path, corpus_path: Path, ks: list[int], sample_size
     Returns {"results": [{k, inertia, silhouette, sizes, seconds}, ...], "best_k": int, "n_docs": int,
     "sample_size": int}. UserInputError for k < 1, a k above the number of training documents or the sample size.
     """
-    from cluster.corpus import read_documents
-    from cluster.embed import load_embeddings
-
     ids, vectors = load_embeddings(Path(embeddings_dir))
     docs = read_documents(Path(corpus_path), columns=["id", "split"])
     if docs.column("id").to_pylist() != ids:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ensemble.rundir import UserInputError
+from ground.device import check_device_name
+from ground.errors import UserInputError
+from ground.fields import check_fields
 
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 EMBEDDER_KINDS = ("sentence-transformers", "tfidf")
@@ -26,6 +28,7 @@ class CorpusConfig:
     label_field: str | None = None
 
     def __post_init__(self) -> None:
+        check_fields(self, "corpus")
         if not self.text_field:
             raise UserInputError("corpus.text_field must name a field: pass --text-field NAME")
         if self.min_chars < 0:
@@ -55,6 +58,8 @@ class EmbedConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        check_fields(self, "embed")
+        check_device_name(self.device, "embed.device")
         if self.kind not in EMBEDDER_KINDS:
             raise UserInputError(f"embed.kind must be one of {', '.join(EMBEDDER_KINDS)}, got {self.kind!r}")
         if self.dtype not in ("float16", "float32"):
@@ -83,6 +88,7 @@ class ClusterConfig:
     auto_k: list[int] | None = None  # `--clusters auto`: fit each k here, keep the best silhouette
 
     def __post_init__(self) -> None:
+        check_fields(self, "cluster")
         if self.auto_k is not None and (not self.auto_k or min(self.auto_k) < 2):
             raise UserInputError(f"cluster.auto_k must list candidate k >= 2, got {self.auto_k}")
         if self.balance_slack < 0:

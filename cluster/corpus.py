@@ -25,7 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cluster.config import CorpusConfig
-from ensemble.rundir import UserInputError, atomic_write_text
+from ground.errors import UserInputError
+from ground.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,12 @@ from typing import Callable, Protocol
 import numpy as np
 
 from cluster.config import DEFAULT_EMBEDDER, EmbedConfig
-from ensemble.device import resolve_device
-from ensemble.rundir import UserInputError, atomic_write_text, file_sha256
+from cluster.tfidf import TfidfEmbedder, fit_tfidf
+from ground.device import resolve_device
+from ground.loading import model_loading
+from ground.progress import progress
+from ground.errors import UserInputError
+from ground.files import atomic_write_text, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +96,8 @@ class SentenceTransformerEmbedder:
             raise UserInputError(f"embed.device: {exc}") from exc
         path = resolve_model_path(name)
         try:
-            self.model = SentenceTransformer(path, device=device, local_files_only=True)
+            with model_loading():
+                self.model = SentenceTransformer(path, device=device, local_files_only=True)
         except Exception as exc:
             raise UserInputError(f"cannot load embedding model {name!r} offline ({type(exc).__name__}): "
                                  "pass a local sentence-transformers directory with --set embed.model=/path") from exc
@@ -152,8 +157,6 @@ def load_embedder(cfg: EmbedConfig, fitted_dir: Path | None = None) -> Embedder:
     ``fitted_dir``: the run's embeddings directory; a tf-idf embedder is read from ``fitted_dir/tfidf``.
     """
     if cfg.kind == "tfidf":
-        from cluster.tfidf import TfidfEmbedder
-
         if fitted_dir is None:
             raise UserInputError("embed.kind=tfidf needs its fitted parameters: pass the run's embeddings directory "
                                  "(or run the embed stage first)")
@@ -171,8 +174,6 @@ def stage_embedder(cfg: EmbedConfig, corpus_path: Path, out_dir: Path) -> Embedd
     claim_embed_dir(cfg, corpus_path, out_dir)
     if cfg.kind != "tfidf":
         return load_embedder(cfg)
-    from cluster.tfidf import fit_tfidf
-
     if (Path(out_dir) / TFIDF_DIR / "settings.json").exists():
         log.info("embed: reusing the tf-idf embedder fitted earlier in %s", Path(out_dir) / TFIDF_DIR)
         return load_embedder(cfg, out_dir)
@@ -300,8 +301,6 @@ def embed_corpus(cfg: EmbedConfig, corpus_path: Path, out_dir: Path, embedder: E
     per shard, ``tfidf/`` for the tf-idf embedder, ``embedder.json`` (what the shards were made with), then
     ``meta.json``. Finished shards are never recomputed, so a killed run resumes at the first missing one.
     """
-    from ensemble.progress import progress
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if embedder is None:

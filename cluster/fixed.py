@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from cluster.embed import load_embeddings
-from cluster.kmeans import _read_corpus, _unit, _write_clusters, squared_distances
+from cluster.kmeans import read_corpus_columns, squared_distances, unit_rows, write_clusters
 from cluster.report import describe_clusters
-from ensemble.rundir import UserInputError
+from ground.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def fixed_clusters(corpus_path: Path, embeddings_dir: Path, train_labels: np.nda
     documents are assigned to their nearest centroid.
     """
     ids, vectors = load_embeddings(embeddings_dir)
-    docs = _read_corpus(corpus_path, ["id", "split", "text"], None)
+    docs = read_corpus_columns(corpus_path, ["id", "split", "text"], None)
     if docs.column("id").to_pylist() != ids:
         raise UserInputError("embeddings do not match the corpus: re-run the embed stage (cbtm run --force embed)")
     split = np.array(docs.column("split").to_pylist())
@@ -44,8 +44,8 @@ def fixed_clusters(corpus_path: Path, embeddings_dir: Path, train_labels: np.nda
     x = vectors[train].astype(np.float32)
     sums = np.zeros((n_clusters, x.shape[1]), np.float64)
     np.add.at(sums, train_labels, x)
-    mean = np.repeat(_unit(x.mean(0, keepdims=True)), n_clusters, axis=0)  # for a cluster left empty
-    centroids = _unit(sums.astype(np.float32), fallback=mean)
+    mean = np.repeat(unit_rows(x.mean(0, keepdims=True)), n_clusters, axis=0)  # for a cluster left empty
+    centroids = unit_rows(sums.astype(np.float32), fallback=mean)
     d2 = squared_distances(vectors.astype(np.float32), centroids)
     labels = d2.argmin(1).astype(np.int32)
     distance = d2[np.arange(len(d2)), labels].astype(np.float32)
@@ -56,7 +56,7 @@ def fixed_clusters(corpus_path: Path, embeddings_dir: Path, train_labels: np.nda
         c["size_train_balanced"] = int(((all_train == c["cluster_id"]) & train).sum())
     meta = {"n_clusters": n_clusters, "inertia": None, "balanced": False, "capacity": None, "fixed": True,
             "clusters": summary}
-    _write_clusters(out_dir, centroids, ids, split, labels, distance, all_train, meta)
+    write_clusters(out_dir, centroids, ids, split, labels, distance, all_train, meta)
     log.info("fixed clusters: k=%d, training documents per cluster %s", n_clusters,
              np.bincount(train_labels, minlength=n_clusters).tolist())
     return out_dir

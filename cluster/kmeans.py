@@ -16,10 +16,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from sklearn.base import BaseEstimator, ClusterMixin
 
+from cluster.balance import balanced_assignment
 from cluster.config import ClusterConfig
 from cluster.corpus import read_documents
 from cluster.embed import load_embeddings
-from ensemble.rundir import UserInputError, atomic_dir
+from cluster.report import describe_clusters, label_summary
+from ground.errors import UserInputError
+from ground.files import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +72,7 @@ def squared_distances(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     return np.maximum(d2, 0.0).astype(np.float32, copy=False)
 
 
-def _unit(c: np.ndarray, fallback: np.ndarray | None = None) -> np.ndarray:
+def unit_rows(c: np.ndarray, fallback: np.ndarray | None = None) -> np.ndarray:
     """Rows of c scaled to unit norm; a zero row takes the matching row of ``fallback`` (if given)."""
     norms = np.linalg.norm(c, axis=1, keepdims=True)
     out = c / np.where(norms == 0, 1.0, norms)
@@ -91,7 +94,7 @@ def spherical_lloyd(x: np.ndarray, centers: np.ndarray, max_iter: int = 10, tol:
         labels = new
         sums = np.zeros_like(centers)
         _scatter_sum(sums, labels, x)
-        centers = _unit(sums, fallback=centers)
+        centers = unit_rows(sums, fallback=centers)
         if changed <= tol * len(x):
             break
     return centers
@@ -153,7 +156,7 @@ class SphericalKMeans(ClusterMixin, BaseEstimator):
         else:
             km = MiniBatchKMeans(n_clusters=self.n_clusters, n_init=self.n_init, random_state=self.random_state,
                                  batch_size=4096)
-        centers = _unit(km.fit(sample).cluster_centers_.astype(np.float32))
+        centers = unit_rows(km.fit(sample).cluster_centers_.astype(np.float32))
         if self.refine_iter > 0:
             centers = spherical_lloyd(sample, centers, self.refine_iter)
         self.cluster_centers_ = centers
@@ -207,11 +210,9 @@ def cluster_corpus(cfg: ClusterConfig, corpus_path: Path, embeddings_dir: Path, 
     (size_train, size_train_balanced, size_heldout), keywords, nearest documents; ``label_quality`` when
     ``label_field`` names a corpus column).
     """
-    from cluster.report import describe_clusters, label_summary
-
     ids, vectors = load_embeddings(embeddings_dir)
     columns = ["id", "split", "text"] + ([label_field] if label_field else [])
-    docs = _read_corpus(corpus_path, columns, label_field)
+    docs = read_corpus_columns(corpus_path, columns, label_field)
     if docs.column("id").to_pylist() != ids:
         raise UserInputError("embeddings do not match the corpus: re-run the embed stage (cbtm run --force embed)")
     split = np.array(docs.column("split").to_pylist())
@@ -230,7 +231,7 @@ def cluster_corpus(cfg: ClusterConfig, corpus_path: Path, embeddings_dir: Path, 
     if label_field:
         meta["label_quality"] = label_summary(docs.column(label_field).to_pylist(), labels, train_labels, train,
                                               summary, label_field)
-    _write_clusters(out_dir, model.cluster_centers_, ids, split, labels, distance, train_labels, meta)
+    write_clusters(out_dir, model.cluster_centers_, ids, split, labels, distance, train_labels, meta)
     sizes = ", ".join(f"{c['cluster_id']}:{c['size_train']}/{c['size_train_balanced']}" for c in summary)
     log.info("cluster: k=%d, training documents per cluster (nearest/balanced) %s", cfg.n_clusters, sizes)
     return out_dir
@@ -239,8 +240,6 @@ def cluster_corpus(cfg: ClusterConfig, corpus_path: Path, embeddings_dir: Path, 
 def _assign_all(model: SphericalKMeans, vectors: np.ndarray, train: np.ndarray, capacity: int | None):
     """One pass over the embeddings: (nearest centroid int32 [n], its squared distance float32 [n], training
     assignment int32 [n] = balanced under ``capacity`` for training rows, else the nearest centroid)."""
-    from cluster.balance import balanced_assignment
-
     if capacity is None:
         labels, distance = model.assign(vectors)
         return labels, distance, labels.copy()
@@ -256,7 +255,7 @@ def _assign_all(model: SphericalKMeans, vectors: np.ndarray, train: np.ndarray, 
     return labels, distance, train_labels
 
 
-def _read_corpus(corpus_path: Path, columns: list[str], label_field: str | None) -> pa.Table:
+def read_corpus_columns(corpus_path: Path, columns: list[str], label_field: str | None) -> pa.Table:
     if label_field:
         names = pq.ParquetFile(corpus_path).schema_arrow.names
         if label_field not in names:
@@ -265,7 +264,7 @@ def _read_corpus(corpus_path: Path, columns: list[str], label_field: str | None)
     return read_documents(corpus_path, columns=columns)
 
 
-def _write_clusters(out_dir: Path, centroids: np.ndarray, ids: list[str], split: np.ndarray, labels: np.ndarray,
+def write_clusters(out_dir: Path, centroids: np.ndarray, ids: list[str], split: np.ndarray, labels: np.ndarray,
                     distance: np.ndarray, train_labels: np.ndarray, meta: dict) -> None:
     with atomic_dir(out_dir) as tmp:
         np.save(tmp / "centroids.npy", centroids.astype(np.float32))

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cluster.embed import load_embeddings
+from ground.plots import colormap, figure, save_figure
+
 log = logging.getLogger(__name__)
 
 PLOT_FILES = {"sizes": "cluster_sizes.png", "map": "cluster_map.png", "labels": "cluster_labels.png"}
@@ -100,31 +103,11 @@ def label_summary(labels: list, cluster_ids: np.ndarray, train_cluster_ids: np.n
             "balanced": balanced}
 
 
-def pyplot():
-    """matplotlib.pyplot on the non-interactive Agg backend (servers have no display)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, path: Path) -> Path:
-    """Lay out, save as PNG (dpi 100; the folder is created) and close ``fig``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    pyplot().close(fig)
-    return path
-
-
 def plot_cluster_sizes(summary: list[dict], path: Path, capacity: int | None = None) -> Path:
     """Bars of training documents per cluster: nearest centroid, and balanced when ``size_train_balanced`` is
     present (with the cap as a dashed line); ticks show each cluster's top keywords. Writes a PNG."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(max(4, 0.9 * len(summary) + 2), 3.5))
+    fig = figure(figsize=(max(4, 0.9 * len(summary) + 2), 3.5))
+    ax = fig.subplots()
     x = np.arange(len(summary))
     sizes = [c["size_train"] for c in summary]
     balanced = [c.get("size_train_balanced") for c in summary]
@@ -166,11 +149,11 @@ def plot_cluster_map(vectors: np.ndarray, labels: np.ndarray, path: Path, seed: 
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(vectors), min(max_points, len(vectors)), replace=False))
     xy, used = project_2d(np.asarray(vectors[rows], dtype=np.float32), seed, method)
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 5))
+    fig = figure(figsize=(6, 5))
+    ax = fig.subplots()
     k = int(labels.max()) + 1 if len(labels) else 1
-    palette = (np.asarray(plt.get_cmap("tab10" if k <= 10 else "tab20").colors) if k <= 20
-               else plt.get_cmap("gist_ncar")(np.linspace(0.0, 0.95, k)))
+    palette = (np.asarray(colormap("tab10" if k <= 10 else "tab20").colors) if k <= 20
+               else colormap("gist_ncar")(np.linspace(0.0, 0.95, k)))
     ax.scatter(xy[:, 0], xy[:, 1], c=palette[labels[rows] % len(palette)], s=6, alpha=0.7, linewidths=0)
     for c in np.unique(labels[rows]):
         cx, cy = np.median(xy[labels[rows] == c], axis=0)
@@ -191,8 +174,8 @@ def plot_label_heatmap(true_labels, cluster_labels: np.ndarray, n_clusters: int,
     np.add.at(table, (cluster_labels, np.searchsorted(names, true_labels)), 1)
     share = table / np.maximum(table.sum(1, keepdims=True), 1)
     quality = quality or label_quality(true_labels, cluster_labels)
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(max(4, 0.45 * len(names) + 2.5), max(3, 0.35 * n_clusters + 1.8)))
+    fig = figure(figsize=(max(4, 0.45 * len(names) + 2.5), max(3, 0.35 * n_clusters + 1.8)))
+    ax = fig.subplots()
     im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1, aspect="auto")
     if table.size <= 400:
         for (i, j), v in np.ndenumerate(table):
@@ -216,8 +199,6 @@ def write_cluster_plots(clusters_dir: Path, corpus_path: Path, embeddings_dir: P
     ``label_field`` is given and clusters.json has a ``label_quality`` block.
     """
     import pyarrow.parquet as pq
-
-    from cluster.embed import load_embeddings
 
     meta = json.loads((Path(clusters_dir) / "clusters.json").read_text())
     plots_dir = Path(plots_dir)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ensemble.rundir import UserInputError, atomic_dir
+from ground.errors import UserInputError
+from ground.files import atomic_dir
 
 log = logging.getLogger(__name__)
 

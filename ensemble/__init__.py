@@ -1,13 +1,7 @@
-"""The sparse ensemble: run directory, routing and the inference API (`from ensemble import Ensemble`)."""
+"""The sparse ensemble: routing, the decoding engine and its backends, and the `Ensemble` API
+(`from ensemble import Ensemble`)."""
 from __future__ import annotations
 
+from ensemble.api import Ensemble
+
 __all__ = ["Ensemble"]
-
-
-def __getattr__(name: str):
-    # Imported lazily so that stages can use ensemble.rundir without loading torch/transformers.
-    if name == "Ensemble":
-        from ensemble.api import Ensemble
-
-        return Ensemble
-    raise AttributeError(name)

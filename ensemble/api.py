@@ -1,235 +1,325 @@
-"""`Ensemble`: load a run directory, route prompts to their top-k experts, generate and score."""
+"""`Ensemble`: a thin facade over a run directory. It loads the run (manifest, centroids, tokenizer, pinned
+experts), validates every call, and hands the work to the router, the decoding engine and a backend."""
 from __future__ import annotations
 
 import json
 import logging
-from collections import OrderedDict
+import numbers
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from ensemble.config import EnsembleConfig
-from ensemble.device import resolve_device
-from ensemble.router import prior_weights, route_weights
-from ensemble.rundir import IncompatibleRunError, RunDir
+from cluster.config import EmbedConfig
+from cluster.embed import load_embedder
+from cluster.kmeans import read_clusters
+from ensemble import checks
+from ensemble.config import EnsembleConfig, resolve_routing
+from ensemble.engine import Engine
+from ensemble.pool import ExpertPool, PinnedExpert
+from ensemble.router import prior_weights
+from ensemble.routing import CentroidRouter, LockedEmbedder, RouteSpec, route_texts
+from ensemble.sampling import Sampling
+from ensemble.scoring import experts_logprobs, mix, window_contexts, window_weights
+from ensemble.sequential import SequentialBackend
+from ensemble.stacked import Shape, unstackable_reason
+from ensemble.stacked_backend import StackedBackend
+from experts.tokenizer import load_tokenizer
+from ground.device import resolve_device
+from ground.errors import IncompatibleRunError
+from ground.fields import finite_positive
+from ground.rundir import RunDir
 
 log = logging.getLogger(__name__)
+BACKENDS = ("auto", "stacked", "sequential")
+
+
+@dataclass(frozen=True)
+class RunView:
+    """What one call sees of the run: a snapshot replaced as a whole by `Ensemble.reload`."""
+
+    manifest: object
+    config: EnsembleConfig
+    centroids: np.ndarray   # float32 [n_clusters, dim]
+    active: np.ndarray      # int64 cluster ids that are routed to (not skipped, not removed)
+    sizes: dict             # cluster_id -> training documents (the first scoring window's prior)
+    clusters: list          # clusters.json rows
+    router: CentroidRouter
+    top_k: int
+    route_temperature: float
 
 
 class Ensemble:
-    """A sparse c-BTM ensemble over the experts of one run directory.
+    """A sparse c-BTM ensemble over the experts of one run directory; safe to share between threads.
 
-    Only the top-k experts chosen for a prompt are loaded and run; their next-token probabilities are
-    mixed with the routing weights. Experts load lazily; ``max_loaded_experts`` bounds how many stay in
-    memory (least recently used are released). Use `Ensemble.load(run_dir)`.
+    Only the top-k experts chosen for a prompt run; their next-token probabilities are mixed with the routing
+    weights. Experts load lazily and stay pinned at the version this object loaded until `reload()`;
+    ``max_loaded_experts`` bounds how many stay in memory. ``backend``: "stacked" (experts of one Llama shape
+    stacked, one batched call per step), "sequential" (one HF model call per expert) or "auto".
     """
 
     def __init__(self, run_dir: Path | str, device: str = "auto", top_k: int | None = None,
-                 temperature: float | None = None, max_loaded_experts: int | None = None):
+                 route_temperature: float | None = None, max_loaded_experts: int | None = None,
+                 backend: str = "auto"):
+        if max_loaded_experts is not None and (isinstance(max_loaded_experts, bool) or not isinstance(
+                max_loaded_experts, numbers.Integral) or max_loaded_experts < 1):
+            raise ValueError(f"max_loaded_experts must be a whole number >= 1 or None, got {max_loaded_experts!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.run = RunDir(run_dir)
         self.device = resolve_device(device)
         self.max_loaded_experts = max_loaded_experts
-        self._top_k_override, self._temperature_override = top_k, temperature
-        self._models: OrderedDict[int, object] = OrderedDict()
+        self._overrides = (top_k, route_temperature)
+        self._reload_lock = threading.Lock()
+        self._tokenizer_lock = threading.Lock()
+        self._pool: ExpertPool | None = None
         self._embedder = None
+        self._backend_kind = backend
         self.reload()
 
     @classmethod
     def load(cls, run_dir: Path | str, device: str = "auto", top_k: int | None = None,
-             temperature: float | None = None, max_loaded_experts: int | None = None) -> "Ensemble":
-        """Open a finished run directory (raises IncompatibleRunError / FileNotFoundError with what to do)."""
-        return cls(run_dir, device, top_k, temperature, max_loaded_experts)
+             route_temperature: float | None = None, max_loaded_experts: int | None = None,
+             backend: str = "auto") -> "Ensemble":
+        """Open a finished run directory (raises IncompatibleRunError / FileNotFoundError / ValueError saying
+        what to do)."""
+        return cls(run_dir, device, top_k, route_temperature, max_loaded_experts, backend)
 
     # ------------------------------------------------------------------------------------------ loading
-    def reload(self) -> None:
-        """Re-read the manifest; experts whose files changed (retrained) are reloaded on next use."""
-        manifest = self.run.read_manifest()
-        if not self.run.done_path.exists() or "assemble" not in manifest.stages:
-            raise IncompatibleRunError(f"run {self.run.root} is not finished: complete it with "
-                                       f"`cbtm run --out {self.run.root}`")
-        self.manifest = manifest
-        ens_cfg = EnsembleConfig(**manifest.config.get("ensemble", {}))
-        self.temperature = float(self._temperature_override or manifest.temperature or ens_cfg.temperature)
-        self.top_k = int(self._top_k_override or manifest.top_k or ens_cfg.top_k)
-        self.route_window = ens_cfg.route_window
-        self.centroids = np.load(self.run.clusters_dir / "centroids.npy")
-        self.n_clusters = len(self.centroids)
-        # Clusters whose expert was skipped (too little data to train) are never routed to.
-        self.active = np.array([c for c in range(self.n_clusters)
-                                if not manifest.experts.get(str(c), {}).get("skipped")], dtype=np.int64)
-        self.n_experts = len(self.active)
-        self._check_top_k(min(self.top_k, self.n_experts))
-        self.top_k = min(self.top_k, self.n_experts)
-        from cluster.kmeans import read_clusters
+    def reload(self) -> list[int]:
+        """Re-read the manifest and pin the experts' current files; returns the cluster ids whose expert changed.
+        Calls already running finish on the experts they started with."""
+        with self._reload_lock:
+            view, pins = self._read_run()
+            if self._pool is None:
+                self._start(view, pins)
+                changed = []
+            else:
+                changed = self._pool.swap(pins)
+            self._view = view
+        if changed:
+            log.info("reload: expert(s) %s changed", changed)
+        return changed
 
-        self.clusters = read_clusters(self.run.clusters_dir)["clusters"]
-        self._paths = {int(cid): self.run.root / entry["path"] for cid, entry in manifest.experts.items()}
-        self._hashes = {int(cid): entry.get("hash") for cid, entry in manifest.experts.items()}
-        missing = [int(c) for c in self.active if c not in self._paths]
+    def _read_run(self) -> tuple[RunView, dict]:
+        run = self.run
+        manifest = run.read_manifest()
+        if not run.done_path.exists() or "assemble" not in manifest.stages:
+            raise IncompatibleRunError(f"run {run.root} is not finished: complete it with `cbtm run --out {run.root}`")
+        for path in (run.centroids_path, run.clusters_dir / "clusters.json", run.tokenizer_dir, run.seed_dir / "config.json"):
+            if not path.exists():
+                raise IncompatibleRunError(f"run {run.root} is incomplete ({path.relative_to(run.root)} is missing): "
+                                           f"finish it with `cbtm run --out {run.root} --force cluster`")
+        config = EnsembleConfig(**manifest.config.get("ensemble", {}))
+        centroids = np.load(run.centroids_path).astype(np.float32)
+        removed = set(manifest.removed)
+        active = np.array([c for c in range(len(centroids)) if c not in removed
+                           and not manifest.experts.get(str(c), {}).get("skipped")], dtype=np.int64)
+        if not len(active):
+            raise IncompatibleRunError(f"run {run.root} has no expert to route to: train or restore one")
+        missing = [int(c) for c in active if str(int(c)) not in manifest.experts]
         if missing:
-            raise IncompatibleRunError(f"run {self.run.root} has no expert for cluster(s) {missing}: "
-                                       f"train them with `cbtm retrain {self.run.root} --cluster N`")
-        stale = [c for c, m in self._models.items() if getattr(m, "_cbtm_hash", None) != self._hashes[c]]
-        for cid in stale:
-            del self._models[cid]
-        from experts.tokenizer import load_tokenizer
+            raise IncompatibleRunError(f"run {run.root} has no expert for cluster(s) {missing}: "
+                                       f"train them with `cbtm retrain {run.root} --cluster N`")
+        clusters = read_clusters(run.clusters_dir)["clusters"]
+        sizes = {c["cluster_id"]: c.get("size_train_balanced", c["size_train"]) for c in clusters}
+        top_k, temperature = resolve_routing(manifest.routing, config, len(active), *self._overrides)
+        router = CentroidRouter(self._embed_fn(manifest), centroids)
+        old = {c: p for c, p in (self._pool._pins.items() if self._pool else [])}
+        pins = {}
+        for c in active.tolist():
+            entry = manifest.experts[str(c)]
+            pins[c] = old[c] if c in old and old[c].version == entry.get("hash") else PinnedExpert(run.root, c, entry)
+        return RunView(manifest, config, centroids, active, sizes, clusters, router, top_k, temperature), pins
 
-        self.tokenizer = load_tokenizer(self.run.tokenizer_dir)
+    def _embed_fn(self, manifest):
+        if self._embedder is None:
+            cfg = dict(manifest.config.get("embed", {}), device=self.device)
+            self._embedder = LockedEmbedder(lambda: load_embedder(EmbedConfig(**cfg), self.run.embeddings_dir))
+        return self._embedder
+
+    def _start(self, view: RunView, pins: dict) -> None:
         seed_config = json.loads((self.run.seed_dir / "config.json").read_text())
         self.vocab_size = int(seed_config["vocab_size"])
         self.max_positions = int(seed_config.get("max_position_embeddings") or 1024)
+        self.tokenizer = load_tokenizer(self.run.tokenizer_dir)
+        self._pool = ExpertPool(pins, self.device, self.max_loaded_experts, self.vocab_size)
+        self.backend = self._make_backend(seed_config, len(pins))
+        self.engine = Engine(self.backend, self.tokenizer, route_texts, self.max_positions, self._tokenizer_lock)
+
+    def _make_backend(self, seed_config: dict, n_experts: int):
+        from transformers import AutoConfig
+
+        config = AutoConfig.for_model(**seed_config)
+        reason = unstackable_reason(config)
+        if self._backend_kind == "stacked" and reason:
+            raise ValueError(f"backend='stacked' needs Llama-shaped experts; this run's seed has {reason}")
+        if self._backend_kind == "sequential" or reason:
+            return SequentialBackend(self._pool.model, self.device, self.tokenizer.eos_token_id, self.max_positions)
+        return StackedBackend(Shape.of(config), self._pool.load_state, self._pool.version,
+                              self.max_loaded_experts or n_experts, self.device)
+
+    # ------------------------------------------------------------------------------------------ properties
+    top_k = property(lambda self: self._view.top_k)
+    route_temperature = property(lambda self: self._view.route_temperature)
+    route_window = property(lambda self: self._view.config.route_window)
+    active = property(lambda self: self._view.active)
+    n_experts = property(lambda self: len(self._view.active))
+    n_clusters = property(lambda self: len(self._view.centroids))
+    manifest = property(lambda self: self._view.manifest)
 
     @property
     def experts(self) -> list[dict]:
-        """One row per expert: cluster_id, keywords, size (training documents), path, loaded."""
+        """One row per cluster: cluster_id, keywords, size (training documents), path, loaded, skipped, removed."""
+        view = self._view
+        loaded = self._pool.loaded() | (self.backend.resident() if isinstance(self.backend, StackedBackend) else set())
+        entries = view.manifest.experts
         return [{"cluster_id": c["cluster_id"], "keywords": c["keywords"], "size": c["size_train"],
-                 "path": str(self._paths[c["cluster_id"]]), "loaded": c["cluster_id"] in self._models,
-                 "skipped": c["cluster_id"] not in self.active}
-                for c in self.clusters]
+                 "path": str(self.run.root / entries.get(str(c["cluster_id"]), {}).get("path", "")),
+                 "loaded": c["cluster_id"] in loaded,
+                 "skipped": bool(entries.get(str(c["cluster_id"]), {}).get("skipped")),
+                 "removed": c["cluster_id"] in view.manifest.removed} for c in view.clusters]
 
     def expert_model(self, cluster_id: int):
-        """The loaded expert model for ``cluster_id`` (loaded lazily, LRU-bounded)."""
-        if cluster_id in self._models:
-            self._models.move_to_end(cluster_id)
-            return self._models[cluster_id]
-        path = self._paths[cluster_id]
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"expert {cluster_id} files are missing at {path}: "
-                                    f"retrain it with `cbtm retrain {self.run.root} --cluster {cluster_id}`")
-        from experts.seed import load_causal_lm
-
-        model = load_causal_lm(path).to(self.device).eval()
-        if model.config.vocab_size != self.vocab_size:
-            raise IncompatibleRunError(f"expert {cluster_id} has a vocabulary of {model.config.vocab_size}, the seed "
-                                       f"{self.vocab_size}: every expert must branch from the run's seed")
-        model._cbtm_hash = self._hashes[cluster_id]
-        self._models[cluster_id] = model
-        while self.max_loaded_experts and len(self._models) > self.max_loaded_experts:
-            self._models.popitem(last=False)
-        return model
-
-    # ------------------------------------------------------------------------------------------ routing
-    def _check_top_k(self, top_k: int) -> None:
-        if not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= self.n_experts:
-            raise ValueError(f"top_k must be between 1 and the number of experts ({self.n_experts}), got {top_k}")
+        """The Hugging Face model of expert ``cluster_id`` (the pinned version, loaded lazily)."""
+        return self._pool.model(int(cluster_id))
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Embed texts with the run's embedder: float32 [n, dim], unit rows."""
-        if self._embedder is None:
-            from cluster.config import EmbedConfig
-            from cluster.embed import load_embedder
+        return self._view.router.vectors(list(texts))
 
-            cfg = dict(self.manifest.config.get("embed", {}), device=self.device)
-            self._embedder = load_embedder(EmbedConfig(**cfg), self.run.embeddings_dir)
-        return self._embedder.encode(texts)
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no special tokens)."""
+        return self.engine.encode(text)
 
-    def _route_arrays(self, texts: list[str], top_k: int) -> tuple[np.ndarray, np.ndarray]:
-        from cluster.kmeans import squared_distances
+    # ------------------------------------------------------------------------------------------ routing
+    def route_spec(self, top_k=None, route_temperature=None, experts=None, exclude_experts=None,
+                   view: RunView | None = None) -> RouteSpec:
+        """The routing of a call (checked): which experts may serve, top_k among them, at which temperature."""
+        view = view or self._view
+        cols = checks.columns(view.active, view.manifest.removed, len(view.centroids), experts, exclude_experts)
+        # A call's argument wins; else the run's value (resolved at load), lowered to the experts allowed here.
+        top_k = min(view.top_k, len(cols)) if top_k is None else checks.whole(top_k, "top_k", 1, len(cols))
+        temperature = view.route_temperature if route_temperature is None else finite_positive(
+            route_temperature, "route_temperature")
+        return RouteSpec(view.router, cols, int(top_k), float(temperature))
 
-        ids, weights = route_weights(squared_distances(self.embed(texts), self.centroids[self.active]),
-                                     self.temperature, top_k)
-        return self.active[ids], weights
-
-    def route(self, texts: str | list[str], top_k: int | None = None):
-        """[(cluster_id, weight), ...] best first (weights sum to 1) for one text, or a list of those."""
-        single = isinstance(texts, str)
-        batch = [texts] if single else list(texts)
-        _check_texts(batch)
-        top_k = self.n_experts if top_k is None else top_k
-        self._check_top_k(top_k)
-        ids, weights = self._route_arrays(batch, top_k)
+    def route(self, texts, top_k: int | None = None, route_temperature: float | None = None,
+              experts=None, exclude_experts=None):
+        """[(cluster_id, weight), ...] best first (weights sum to 1) for one text, or a list of those.
+        ``top_k`` defaults to the run's, as for generate and score."""
+        batch, single = checks.texts(texts, "text")
+        spec = self.route_spec(top_k, route_temperature, experts, exclude_experts)
+        ids, weights = spec.weights(spec.router.vectors(batch))
         out = [[(int(c), float(w)) for c, w in zip(row_ids, row_w)] for row_ids, row_w in zip(ids, weights)]
         return out[0] if single else out
 
     # ------------------------------------------------------------------------------------------ generation
-    def generate(self, prompts: str | list[str], max_new_tokens: int = 64, top_k: int | None = None,
-                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
-                 stop: str | list[str] | None = None, reroute_every: int | None = None) -> str | list[str]:
+    def _generation(self, prompts, max_new_tokens, top_k, route_temperature, experts, exclude_experts,
+                    do_sample, temperature, top_p, seed, stop, reroute_every):
+        batch, single = checks.texts(prompts)
+        checks.whole(max_new_tokens, "max_new_tokens", 0)
+        if reroute_every is not None:
+            checks.whole(reroute_every, "reroute_every", 1)
+        sampling = Sampling(do_sample, temperature, top_p, seed, () if stop is None else stop)
+        spec = self.route_spec(top_k, route_temperature, experts, exclude_experts)
+        return batch, single, sampling, spec
+
+    def generate(self, prompts, max_new_tokens: int = 64, top_k: int | None = None, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None, stop=None,
+                 reroute_every: int | None = None, route_temperature: float | None = None, experts=None,
+                 exclude_experts=None):
         """Continue each prompt with the mixture of its top-k experts; returns the continuation text(s).
 
-        Prompts in a batch are grouped per expert (each expert runs once per step on its prompts).
-        ``reroute_every=N`` re-embeds prompt + generated text every N tokens and updates the weights;
-        experts that enter get their cache filled from the full context.
+        Prompts of a batch decode together (each expert runs once per step on its prompts). A prompt and its
+        ``max_new_tokens`` must fit the context (ValueError saying the limit). ``reroute_every=N`` re-embeds
+        prompt + generated text every N tokens and updates the weights. ``experts`` / ``exclude_experts``:
+        only these cluster ids may serve / these may not (a data owner opting out).
         """
-        from ensemble.generate import cut_at_stop, decode_batch
-
-        single = isinstance(prompts, str)
-        batch = [prompts] if single else list(prompts)
-        args = self._generation_args(batch, max_new_tokens, top_k, do_sample, temperature, top_p, stop, reroute_every)
-        produced: list[list[int]] = [[] for _ in batch]
-        for step in decode_batch(self, batch, seed=seed, **args):
-            for row, token in enumerate(step):
-                if token is not None:
-                    produced[row].append(token)
-        outs = [cut_at_stop(self.tokenizer.decode(p, skip_special_tokens=True), args["stops"]) for p in produced]
-        return outs[0] if single else outs
+        batch, single, sampling, spec = self._generation(prompts, max_new_tokens, top_k, route_temperature, experts,
+                                                         exclude_experts, do_sample, temperature, top_p, seed, stop,
+                                                         reroute_every)
+        decoding = self.engine.generate(batch, max_new_tokens, sampling, spec, reroute_every)
+        for _ in decoding:
+            pass
+        texts = [self.engine.text(row) for row in decoding.rows]
+        return texts[0] if single else texts
 
     def stream(self, prompt: str, max_new_tokens: int = 64, top_k: int | None = None, do_sample: bool = False,
-               temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
-               stop: str | list[str] | None = None, reroute_every: int | None = None) -> Iterator[str]:
-        """Yield the continuation of one prompt as text pieces, as they are produced."""
-        from ensemble.generate import cut_at_stop, decode_batch
-
-        args = self._generation_args([prompt], max_new_tokens, top_k, do_sample, temperature, top_p, stop,
-                                     reroute_every)
-        produced: list[int] = []
-        sent = ""
-        for step in decode_batch(self, [prompt], seed=seed, **args):
-            if step[0] is None:
-                break
-            produced.append(step[0])
-            text = cut_at_stop(self.tokenizer.decode(produced, skip_special_tokens=True), args["stops"])
-            if text.endswith("\ufffd"):
+               temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None, stop=None,
+               reroute_every: int | None = None, route_temperature: float | None = None, experts=None,
+               exclude_experts=None) -> Iterator[str]:
+        """Yield the continuation of one prompt as text pieces, as they are produced (joined: `generate`'s text)."""
+        if not isinstance(prompt, str):
+            raise ValueError(f"stream takes one prompt (a string), got {type(prompt).__name__}")
+        batch, _, sampling, spec = self._generation(prompt, max_new_tokens, top_k, route_temperature, experts,
+                                                    exclude_experts, do_sample, temperature, top_p, seed, stop,
+                                                    reroute_every)
+        decoding = self.engine.generate(batch, max_new_tokens, sampling, spec, reroute_every)
+        row, sent = decoding.rows[0], ""
+        for _ in decoding:
+            text = self.engine.text(row)
+            if text.endswith("\ufffd") and row.finish is None:
                 continue  # half of a multi-byte character: wait for the rest
             if len(text) > len(sent):
                 yield text[len(sent):]
                 sent = text
-        final = cut_at_stop(self.tokenizer.decode(produced, skip_special_tokens=True), args["stops"])
+        final = self.engine.text(row)
         if len(final) > len(sent):
             yield final[len(sent):]
 
-    def _generation_args(self, batch: list[str], max_new_tokens: int, top_k: int | None, do_sample: bool,
-                         temperature: float, top_p: float, stop, reroute_every: int | None) -> dict:
-        _check_texts(batch)
-        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens}")
-        top_k = self.top_k if top_k is None else top_k
-        self._check_top_k(top_k)
-        if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
-            raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
-        if reroute_every is not None and reroute_every < 1:
-            raise ValueError(f"reroute_every must be >= 1 (tokens) or None, got {reroute_every}")
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        return dict(top_k=int(top_k), max_new_tokens=int(max_new_tokens), do_sample=do_sample,
-                    temperature=temperature, top_p=top_p, stops=stops, reroute_every=reroute_every)
-
     # ------------------------------------------------------------------------------------------ scoring
-    def score(self, texts: str | list[str], top_k: int | None = None) -> list[np.ndarray]:
-        """Per-token log-probabilities (float64 [n_tokens] per text) under the routed mixture."""
-        from ensemble.scoring import score_texts
+    def score(self, texts, top_k: int | None = None, route_temperature: float | None = None, experts=None,
+              exclude_experts=None) -> list[np.ndarray]:
+        """Per-token log-probabilities (float64 [n_tokens] per text) under the routed mixture (`ensemble.scoring`)."""
+        batch, _ = checks.texts(texts, "text")
+        spec = self.route_spec(top_k, route_temperature, experts, exclude_experts)
+        plan = self.scoring(batch, spec.columns)
+        weights = plan.weights(spec.top_k, spec.route_temperature)
+        return mix(weights, plan.logprobs(weights))
 
-        batch = [texts] if isinstance(texts, str) else list(texts)
-        _check_texts(batch)
-        top_k = self.top_k if top_k is None else top_k
-        self._check_top_k(top_k)
-        return score_texts(self, batch, top_k)
-
-    def perplexity(self, texts: str | list[str], top_k: int | None = None) -> float:
+    def perplexity(self, texts, top_k: int | None = None, route_temperature: float | None = None, experts=None,
+                   exclude_experts=None) -> float:
         """Token-level perplexity of the texts under the routed top-k mixture."""
-        logps = np.concatenate(self.score(texts, top_k))
+        logps = np.concatenate(self.score(texts, top_k, route_temperature, experts, exclude_experts))
         return float(np.exp(-logps.mean()))
 
-    def prior(self, top_k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Routing weights used before any context exists: the clusters' training sizes."""
-        sizes = {c["cluster_id"]: c.get("size_train_balanced", c["size_train"]) for c in self.clusters}
-        ids, weights = prior_weights(np.array([sizes[int(c)] for c in self.active]), top_k)
-        return self.active[ids], weights
+    def scoring(self, texts: list[str], columns=None, vectors: np.ndarray | None = None) -> "ScoringPlan":
+        """The routing of every scoring window of ``texts`` computed once, for several top_k / temperatures
+        (`cbtm eval`, `cbtm tune-temperature`); ``vectors``: the window embeddings of another plan over the same
+        texts and embedder (a run derived from this one), reused."""
+        view = self._view
+        cols = np.asarray(columns if columns is not None else view.active, dtype=np.int64)
+        encoded = [self.encode(t) for t in texts]
+        contexts, owners = window_contexts(encoded, view.config.route_window, self.tokenizer.decode)
+        if vectors is None or len(vectors) != len(contexts):
+            vectors = view.router.vectors(contexts) if contexts else None
+        return ScoringPlan(self, view, encoded, owners, vectors, cols)
+
+    def prior(self, columns) -> tuple[np.ndarray, np.ndarray]:
+        """Weights before any context exists: every listed expert, by its cluster's training size."""
+        cols = np.asarray(columns, dtype=np.int64)
+        ids, weights = prior_weights(np.array([self._view.sizes[int(c)] for c in cols]), len(cols))
+        return cols[ids[0]], weights[0]
 
 
-def _check_texts(texts: list[str]) -> None:
-    if not texts:
-        raise ValueError("no text given: pass a non-empty string or list of strings")
-    for text in texts:
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError("empty prompt: every text must contain at least one non-space character")
+class ScoringPlan:
+    """Window routing of tokenised texts (`Ensemble.scoring`): weights for any top_k and temperature, and the
+    experts' log-probabilities under them."""
+
+    def __init__(self, ens: Ensemble, view: RunView, encoded, owners, vectors, columns):
+        self.ens, self.view, self.encoded, self.owners, self.vectors, self.columns = (
+            ens, view, encoded, owners, vectors, columns)
+        self.logits = None if vectors is None else view.router.logits(vectors, columns)
+
+    def weights(self, top_k: int, route_temperature: float) -> list[np.ndarray]:
+        """Per text, dense weights float64 [n_tokens, n_clusters]."""
+        logits = None if self.logits is None else self.logits / route_temperature
+        return window_weights([len(ids) for ids in self.encoded], self.view.config.route_window,
+                              len(self.view.centroids), self.owners, logits, top_k, self.columns,
+                              self.ens.prior(self.columns))
+
+    def logprobs(self, weights: list[np.ndarray]) -> list[dict[int, np.ndarray]]:
+        return experts_logprobs(self.ens.backend, self.ens.tokenizer.eos_token_id, self.encoded, weights)

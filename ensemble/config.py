@@ -1,28 +1,86 @@
-"""Configuration of routing and inference."""
+"""Routing settings: the `ensemble` config section, and the one rule that decides which value a call uses.
+
+Precedence, for ``top_k`` and ``route_temperature`` alike: **a call's argument > the run's tuned value
+(`cbtm tune-temperature`) > the config**. The manifest holds one routing entry per setting,
+``{"value": ..., "source": "config" | "tuned"}``, written by `record_routing` at the assemble stage and by
+`tune_routing`; `resolve_routing` applies the precedence.
+"""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
-from ensemble.rundir import UserInputError
+from ground.errors import UserInputError
+from ground.fields import check_fields, finite_positive, whole_number
+
+log = logging.getLogger(__name__)
+
+ROUTERS = ("centroid",)
 
 
 @dataclass
 class EnsembleConfig:
     """Routing defaults stored in the manifest.
 
-    ``temperature`` T in softmax(-d^2 / T) over squared distances to the centroids; ``route_window``:
-    when scoring, the weights for a token come from the embedding of at most this many preceding tokens,
-    recomputed once per window of this many tokens (so no prefix is embedded token by token).
+    ``route_temperature`` T in softmax(-d^2 / T) over squared distances to the centroids; ``top_k`` experts
+    mixed per prompt; ``route_window``: when scoring, the weights for a token come from the embedding of the
+    tokens before it, recomputed once per window of this many tokens (so no prefix is embedded token by token).
     """
 
     top_k: int = 2
-    temperature: float = 0.1
+    route_temperature: float = 0.1
     route_window: int = 32
+    router: str = "centroid"
 
     def __post_init__(self) -> None:
-        if self.top_k < 1:
-            raise UserInputError(f"ensemble.top_k must be >= 1, got {self.top_k}")
-        if self.temperature <= 0:
-            raise UserInputError(f"ensemble.temperature must be > 0, got {self.temperature}")
-        if self.route_window < 1:
-            raise UserInputError(f"ensemble.route_window must be >= 1, got {self.route_window}")
+        check_fields(self, "ensemble")
+        whole_number(self.top_k, "ensemble.top_k", 1)
+        finite_positive(self.route_temperature, "ensemble.route_temperature")
+        whole_number(self.route_window, "ensemble.route_window", 1)
+        if self.router not in ROUTERS:
+            raise UserInputError(f"ensemble.router must be one of {', '.join(ROUTERS)}, got {self.router!r}")
+
+
+def record_routing(recorded: dict, cfg: EnsembleConfig) -> dict:
+    """The manifest's routing entry after a build with ``cfg``: a tuned value is kept (and the kept value
+    said when the config now asks for another); everything else comes from the config."""
+    out = {}
+    for key in ("route_temperature", "top_k"):
+        wanted, entry = getattr(cfg, key), dict(recorded.get(key) or {})
+        if entry.get("source") == "tuned":
+            if entry.get("value") != wanted:
+                log.info("  routing   keeping the tuned %s %s over the config's %s (tuned wins; "
+                         "`cbtm tune-temperature RUN --clear` returns to the config)", key, entry["value"], wanted)
+            out[key] = entry
+        else:
+            out[key] = {"value": wanted, "source": "config"}
+    return out
+
+
+def tuned_routing(recorded: dict, route_temperature: float | None) -> dict:
+    """The routing entry once `cbtm tune-temperature` chose ``route_temperature`` (None: back to the config)."""
+    out = dict(recorded)
+    if route_temperature is None:
+        out.pop("route_temperature", None)
+    else:
+        out["route_temperature"] = {"value": finite_positive(route_temperature, "route_temperature"),
+                                    "source": "tuned"}
+    return out
+
+
+def resolve_routing(recorded: dict, cfg: EnsembleConfig, n_experts: int, top_k=None,
+                    route_temperature=None) -> tuple[int, float]:
+    """(top_k, route_temperature) for a call: its argument > the recorded (tuned or built) value > ``cfg``.
+
+    An argument out of range is a ValueError (UserInputError); a recorded top_k above the number of active
+    experts (some were skipped or removed) is lowered to it with a log line.
+    """
+    if route_temperature is None:
+        route_temperature = (recorded.get("route_temperature") or {}).get("value", cfg.route_temperature)
+    route_temperature = finite_positive(route_temperature, "route_temperature")
+    if top_k is not None:
+        return whole_number(top_k, "top_k", 1, n_experts), route_temperature
+    top_k = int((recorded.get("top_k") or {}).get("value") or cfg.top_k)
+    if top_k > n_experts:
+        log.info("top_k %d of the run is more than its %d active expert(s): using %d", top_k, n_experts, n_experts)
+    return min(top_k, n_experts), route_temperature

@@ -1,31 +1,41 @@
-"""Routing: squared distances to the centroids -> sparse mixture weights. Pure numpy."""
+"""Routing: scores of a context over the experts -> sparse mixture weights. Pure numpy.
+
+Centroid routing (c-BTM) scores an embedded context by its squared distance to each cluster's centroid:
+weights are softmax(-d^2 / T) over all clusters, the top_k largest kept and renormalised.
+"""
 from __future__ import annotations
+
+import math
+import numbers
 
 import numpy as np
 
 
-def route_weights(sq_distances: np.ndarray, temperature: float, top_k: int) -> tuple[np.ndarray, np.ndarray]:
-    """c-BTM routing weights.
-
-    ``sq_distances``: float [n, k] squared distances of n embedded contexts to the k centroids.
-    Weights are softmax(-d^2 / temperature) over all k clusters; the ``top_k`` largest are kept and
-    renormalised to sum to 1. Returns (cluster ids int64 [n, top_k], weights float64 [n, top_k]), best first
-    (ties broken by the lower cluster id).
-    """
-    d2 = np.atleast_2d(np.asarray(sq_distances, dtype=np.float64))
-    n_clusters = d2.shape[1]
-    if not 1 <= top_k <= n_clusters:
-        raise ValueError(f"top_k must be between 1 and the number of experts ({n_clusters}), got {top_k}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not np.isfinite(d2).all():
-        raise ValueError("distances contain NaN or inf")
-    logits = -d2 / temperature
-    order = np.argsort(-logits, axis=1, kind="stable")[:, :top_k]
-    top = np.take_along_axis(logits, order, axis=1)
-    # Renormalising the kept softmax weights equals a softmax over the kept logits.
+def top_k_softmax(logits: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Column ids (int64 [n, top_k]) and weights (float64 [n, top_k], rows sum to 1) of the ``top_k`` largest
+    ``logits`` [n, k] per row, best first (ties broken by the lower column), renormalised: renormalising the kept
+    softmax weights equals a softmax over the kept logits."""
+    z = np.atleast_2d(np.asarray(logits, dtype=np.float64))
+    if not 1 <= top_k <= z.shape[1]:
+        raise ValueError(f"top_k must be between 1 and the number of experts ({z.shape[1]}), got {top_k}")
+    if not np.isfinite(z).all():
+        raise ValueError("routing scores contain NaN or inf")
+    order = np.argsort(-z, axis=1, kind="stable")[:, :top_k]
+    top = np.take_along_axis(z, order, axis=1)
     w = np.exp(top - top.max(axis=1, keepdims=True))
     return order.astype(np.int64), w / w.sum(axis=1, keepdims=True)
+
+
+def route_weights(sq_distances: np.ndarray, temperature: float, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """c-BTM routing weights from squared distances float [n, k] of n contexts to k centroids: ids int64
+    [n, top_k] and weights float64 [n, top_k], best first."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not math.isfinite(temperature) \
+            or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    d2 = np.atleast_2d(np.asarray(sq_distances, dtype=np.float64))
+    if not np.isfinite(d2).all():
+        raise ValueError("distances contain NaN or inf")
+    return top_k_softmax(-d2 / temperature, top_k)
 
 
 def prior_weights(sizes: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:

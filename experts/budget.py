@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ensemble.rundir import UserInputError
+from ground.errors import UserInputError
 from experts.config import TrainConfig
+from experts.data import tokenize_corpus, train_token_counts
+from experts.tokenizer import open_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +69,5 @@ def cluster_token_counts(seed_dir: Path, corpus_path: Path, assignments_path: Pa
                          cache_dir: Path | None = None) -> dict[int, int]:
     """Training tokens of every cluster 0..n_clusters-1 with the seed's tokenizer (0 for an empty cluster):
     the input of `steps_per_expert`. Tokenizes the corpus once (cached, shared with `train_expert`)."""
-    from experts.data import tokenize_corpus, train_token_counts
-    from experts.train import _tokenizer
-
-    counts = train_token_counts(tokenize_corpus(_tokenizer(seed_dir), corpus_path, cache_dir), assignments_path)
+    counts = train_token_counts(tokenize_corpus(open_tokenizer(seed_dir), corpus_path, cache_dir), assignments_path)
     return {c: counts.get(c, 0) for c in range(n_clusters)}

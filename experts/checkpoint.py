@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ensemble.rundir import UserInputError, atomic_dir, file_sha256
+from ground.errors import UserInputError
+from ground.files import atomic_dir, file_sha256
 
 log = logging.getLogger(__name__)
 

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ensemble.device import PRECISIONS
-from ensemble.rundir import UserInputError
+from ground.device import PRECISIONS, check_device_name
+from ground.errors import UserInputError
+from ground.fields import check_fields
 
 # Llama-style size presets (RMSNorm, SwiGLU MLP, rotary positions, no dropout, tied embeddings):
 # hidden, layers, heads, MLP width. Parameters at vocab 8192: tiny 0.27M, 1m 1.0M, 2m 1.9M, 8m 7.2M,
@@ -37,6 +38,7 @@ class SeedConfig:
     pretrain_tokens: int = 0
 
     def __post_init__(self) -> None:
+        check_fields(self, "seed")
         if self.model.startswith("preset:") and self.model[len("preset:"):] not in PRESETS:
             raise UserInputError(f"unknown seed preset {self.model!r}: use one of "
                                  + ", ".join(f"preset:{p}" for p in PRESETS))
@@ -85,6 +87,8 @@ class TrainConfig:
     precision: str = "auto"
 
     def __post_init__(self) -> None:
+        check_fields(self, "train")
+        check_device_name(self.device, "train.device")
         for name in ("steps", "batch_size", "block_size", "eval_every", "grad_accum"):
             if getattr(self, name) < 1:
                 raise UserInputError(f"train.{name} must be >= 1, got {getattr(self, name)}")

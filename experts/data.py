@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ensemble.rundir import hash_path
+from ground.files import hash_path
 
 log = logging.getLogger(__name__)
 

@@ -2,11 +2,18 @@
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import replace
 from pathlib import Path
 
-from ensemble.rundir import UserInputError, atomic_dir
+from ground.errors import UserInputError
+from ground.files import atomic_dir
 from experts.config import PRESETS, SeedConfig
-from experts.tokenizer import load_tokenizer
+from experts.data import token_stream, tokenize_corpus
+from experts.models import load_causal_lm
+from experts.tokenizer import load_tokenizer, open_tokenizer
+from experts.train import run_training
+from ground.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +48,6 @@ def build_seed(cfg: SeedConfig, tokenizer_dir: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def load_causal_lm(name_or_path: str | Path, **kwargs):
-    """`AutoModelForCausalLM.from_pretrained` with a one-line error for paths that are not causal LMs."""
-    from transformers import AutoModelForCausalLM
-
-    path = Path(name_or_path)
-    if (path.is_absolute() or str(name_or_path).startswith(".")) and not path.exists():
-        raise UserInputError(f"seed model {name_or_path} does not exist: pass a Hugging Face causal LM directory")
-    try:
-        return AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
-    except Exception as exc:
-        raise UserInputError(f"cannot load {name_or_path} as a causal LM ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0][:160]})") from exc
-
-
 def pretrain_seed(cfg: SeedConfig, train_cfg, seed_dir: Path, corpus_path: Path, out_dir: Path, *,
                   checkpoint_dir: Path | None = None, cache_dir: Path | None = None, device: str | None = None,
                   show_progress: bool = True) -> Path:
@@ -66,18 +59,12 @@ def pretrain_seed(cfg: SeedConfig, train_cfg, seed_dir: Path, corpus_path: Path,
     Returns the directory experts branch from: ``out_dir``, or ``seed_dir`` unchanged when
     ``cfg.pretrain_tokens`` is 0 (nothing is written). Resumable like an expert with ``checkpoint_dir``.
     """
-    import math
-    from dataclasses import replace
-
-    from experts.data import token_stream, tokenize_corpus
-    from experts.train import _device, _tokenizer, run_training
-
     if cfg.pretrain_tokens == 0:
         return Path(seed_dir)
-    device = _device(device or train_cfg.device)
+    device = resolve_device(device or train_cfg.device)
     steps = math.ceil(cfg.pretrain_tokens / train_cfg.tokens_per_step)
     train_cfg = replace(train_cfg, steps=steps)
-    tokenizer = _tokenizer(seed_dir)
+    tokenizer = open_tokenizer(seed_dir)
     tokens = tokenize_corpus(tokenizer, corpus_path, cache_dir)
     train = token_stream(tokens, None, None, "train", len(tokenizer), cache_dir)
     val = token_stream(tokens, None, None, "heldout", len(tokenizer), cache_dir)

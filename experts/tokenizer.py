@@ -4,7 +4,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ensemble.rundir import UserInputError, atomic_dir
+from ground.errors import UserInputError
+from ground.files import atomic_dir
 from experts.config import SeedConfig
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,18 @@ def _train_text_batches(corpus_path: Path, batch_rows: int = 4096):
 
 
 def load_tokenizer(path: Path):
+    """The tokenizer saved in ``path`` (a tokenizer or model directory)."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path))
+
+
+def open_tokenizer(model_dir: Path):
+    """The tokenizer of a seed or expert directory, with a one-line error saying how to get one."""
+    if not Path(model_dir).is_dir():
+        raise UserInputError(f"seed directory {model_dir} does not exist: build the seed first (cbtm run)")
+    try:
+        return load_tokenizer(model_dir)
+    except Exception as exc:
+        raise UserInputError(f"cannot load the tokenizer in {model_dir} ({type(exc).__name__}): "
+                             "rebuild the seed") from exc

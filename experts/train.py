@@ -19,22 +19,22 @@ from typing import Callable
 
 import numpy as np
 
-from ensemble.device import autocast_dtype, resolve_device
-from ensemble.progress import progress
-from ensemble.rundir import UserInputError, atomic_dir, hash_json, hash_path
+from ground.device import autocast_dtype, resolve_device
+from ground.plots import figure, save_figure
+from ground.progress import progress
+from ground.errors import UserInputError
+from ground.files import atomic_dir, hash_json, hash_path
+from ground.rundir import hashed_settings
 from experts.checkpoint import CheckpointStore
 from experts.config import TrainConfig
-from experts.data import BlockSampler, cluster_texts, gather, pack, token_stream, tokenize_corpus  # noqa: F401
-from experts.seed import load_causal_lm
-from experts.tokenizer import load_tokenizer
+from experts.data import BlockSampler, gather, token_stream, tokenize_corpus
+from experts.models import load_causal_lm, read_vocab_size
+from experts.tokenizer import open_tokenizer
 
 log = logging.getLogger(__name__)
 
 LOG_EVERY = 10
 MAX_VAL_BLOCKS = 32  # evenly spread held-out blocks per evaluation: ~3% of training time at eval_every=50
-# Settings that change neither the weights nor the data order: a checkpoint stays valid across them.
-_NOT_IN_FINGERPRINT = ("device", "checkpoint_every", "retries", "eval_every", "compile", "total_tokens",
-                       "budget_split")
 
 
 def train_expert(cfg: TrainConfig, seed_dir: Path, corpus_path: Path, assignments_path: Path,
@@ -57,10 +57,10 @@ def train_expert(cfg: TrainConfig, seed_dir: Path, corpus_path: Path, assignment
     tokens than one block, or 0 budgeted steps, is skipped with a warning: nothing is written and the summary
     has skipped=True and a reason (the run should route nothing to it).
     """
-    device = _device(device or cfg.device)
+    device = resolve_device(device or cfg.device)
     if steps is not None:
         cfg = replace(cfg, steps=max(int(steps), 1))
-    tokenizer = _tokenizer(seed_dir)
+    tokenizer = open_tokenizer(seed_dir)
     tokens = tokenize_corpus(tokenizer, corpus_path, cache_dir)
     train = token_stream(tokens, assignments_path, cluster_id, "train", len(tokenizer), cache_dir)
     val = token_stream(tokens, assignments_path, cluster_id, "heldout", len(tokenizer), cache_dir)
@@ -99,7 +99,9 @@ def run_training(cfg: TrainConfig, init_dir: Path, tokenizer, train_tokens: np.n
 
     torch.manual_seed(cfg.seed + key[-1])
     model = load_causal_lm(init_dir).to(device)
-    fingerprint = hash_json({"cfg": {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_FINGERPRINT},
+    # The budget (total_tokens, budget_split) is already resolved into cfg.steps: only the steps count.
+    settings = hashed_settings(replace(cfg, total_tokens=None, budget_split="proportional"))
+    fingerprint = hash_json({"cfg": settings,
                              "init": hash_path(init_dir), "key": key,
                              "data": [_data_id(train_tokens), _data_id(val_tokens)]})[:16]
     store = None
@@ -303,7 +305,7 @@ def training_devices(device: str = "auto") -> list[str]:
     ``[device]`` (on CPU one expert at a time, using every core)."""
     import torch
 
-    resolved = _device(device)
+    resolved = resolve_device(device)
     if resolved in ("cuda",) and torch.cuda.device_count() > 1:
         return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     return [resolved]
@@ -311,9 +313,7 @@ def training_devices(device: str = "auto") -> list[str]:
 
 def plot_metrics(metrics: list[dict], path: Path, title: str = "") -> Path:
     """Loss curve PNG: train loss (line) and held-out loss (dots) against training tokens."""
-    from matplotlib.figure import Figure  # no pyplot: its global state is not safe across training threads
-
-    fig = Figure(figsize=(5, 3.2))
+    fig = figure(figsize=(5, 3.2))
     ax = fig.subplots()
     ax.plot([r["tokens"] for r in metrics], [r["train_loss"] for r in metrics], label="train")
     val = [(r["tokens"], r["val_loss"]) for r in metrics if r.get("val_loss") is not None]
@@ -321,36 +321,11 @@ def plot_metrics(metrics: list[dict], path: Path, title: str = "") -> Path:
         ax.plot(*zip(*val), "o", label="held-out")
     ax.set(xlabel="training tokens", ylabel="loss (nats/token)", title=title)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    return path
-
-
-def _device(name: str) -> str:
-    try:
-        return resolve_device(name)
-    except ValueError as exc:
-        raise UserInputError(str(exc)) from exc
-
-
-def _tokenizer(seed_dir: Path):
-    if not Path(seed_dir).is_dir():
-        raise UserInputError(f"seed directory {seed_dir} does not exist: build the seed first (cbtm run)")
-    try:
-        return load_tokenizer(seed_dir)
-    except Exception as exc:
-        raise UserInputError(f"cannot load the tokenizer in {seed_dir} ({type(exc).__name__}): "
-                             "rebuild the seed") from exc
+    return save_figure(fig, path, dpi=80)
 
 
 def _check_same_vocab(init_dir: Path, seed_dir: Path) -> None:
-    vocab = {}
-    for where in (init_dir, seed_dir):
-        try:
-            vocab[where] = json.loads((where / "config.json").read_text())["vocab_size"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise UserInputError(f"{where} is not a trained model directory (no readable config.json): "
-                                 "retrain from the seed instead") from exc
+    vocab = {where: read_vocab_size(where) for where in (init_dir, seed_dir)}
     if vocab[init_dir] != vocab[seed_dir]:
         raise UserInputError(f"{init_dir} has a vocabulary of {vocab[init_dir]}, the seed {vocab[seed_dir]}: "
                              "every expert must share the seed's tokenizer; retrain from the seed instead")

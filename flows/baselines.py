@@ -21,10 +21,17 @@ from typing import Callable
 
 import numpy as np
 
-from ensemble.rundir import Manifest, RunDir, UserInputError, atomic_write_text, hash_json, hash_path
+import pyarrow.parquet as pq
+
+from cluster.fixed import fixed_clusters, random_train_labels
+from experts.budget import cluster_token_counts, steps_per_expert
 from experts.config import TrainConfig
+from experts.train import train_expert
 from flows.config import PipelineConfig
-from flows.stages import expert_is_current, record_expert, section_hash
+from flows.stages import expert_is_current, record_expert
+from ground.errors import UserInputError
+from ground.files import atomic_write_text, hash_json, hash_path
+from ground.rundir import Manifest, RunDir, hashed_settings
 
 log = logging.getLogger("cbtm")
 BASELINES = ("dense", "random")
@@ -48,8 +55,7 @@ class DerivedPlan:
         return dict(cfg=self.train, seed_dir=self.branch_dir, corpus_path=self.parent.corpus_path,
                     assignments_path=self.run.clusters_dir / "assignments.parquet", cluster_id=cluster_id,
                     out_dir=self.run.expert_dir(cluster_id), steps=self.steps[cluster_id],
-                    checkpoint_dir=self.run.root / "checkpoints" / str(cluster_id),
-                    cache_dir=self.parent.root / ".cache" / "tokens")
+                    checkpoint_dir=self.run.checkpoint_dir(cluster_id), cache_dir=self.parent.token_cache)
 
 
 def parse_baselines(spec: str | list[str] | None) -> list[str]:
@@ -85,15 +91,11 @@ def spent_tokens(manifest: Manifest, cfg: PipelineConfig) -> int:
 
 def baseline_labels(parent: RunDir, kind: str, seed: int = 0) -> tuple[np.ndarray, int]:
     """(training assignment int32 [n_train] in corpus order, number of clusters) of a baseline."""
-    import pyarrow.parquet as pq
-
     table = pq.read_table(parent.clusters_dir / "assignments.parquet", columns=["split", "train_cluster_id"])
     train = np.array(table.column("split").to_pylist()) == "train"
     labels = table.column("train_cluster_id").to_numpy()[train].astype(np.int32)
     if kind == "dense":
         return np.zeros_like(labels), 1
-    from cluster.fixed import random_train_labels
-
     return random_train_labels(labels, seed), int(labels.max()) + 1
 
 
@@ -112,10 +114,10 @@ def plan_derived(parent: RunDir, root: Path, name: str, clusters_key: dict, n_cl
     key = hash_json({"clusters": clusters_key, "ingest": up("ingest"), "embed": up("embed")})
     run = RunDir(root)
     manifest = _derived_manifest(parent, pm, cfg, run, key, n_clusters, cluster_overrides or {}, make_clusters)
-    branch = parent.root / "pretrained" if cfg.seed.pretrain_tokens else parent.seed_dir
+    branch = parent.branch_dir(bool(cfg.seed.pretrain_tokens))
     train = dataclasses.replace(cfg.train, total_tokens=total)
     steps = _steps(parent, branch, run, train, n_clusters, name)
-    inputs = {c: hash_json({"train": section_hash(train), "seed": up("seed"), "pretrain": up("pretrain"),
+    inputs = {c: hash_json({"train": hashed_settings(train), "seed": up("seed"), "pretrain": up("pretrain"),
                             "clusters": key, "cluster_id": c, "steps": steps[c]}) for c in range(n_clusters)}
     todo = [c for c in range(n_clusters) if not expert_is_current(run, manifest, c, inputs[c])]
     if todo:
@@ -136,8 +138,8 @@ def _derived_manifest(parent: RunDir, pm: Manifest, cfg: PipelineConfig, run: Ru
         shutil.rmtree(run.root)
     derived_cfg = cfg.to_dict()
     derived_cfg["cluster"] = {**derived_cfg["cluster"], **cluster_overrides, "n_clusters": n_clusters}
-    manifest = Manifest(config=derived_cfg, embedder=pm.embedder, temperature=pm.temperature,
-                        top_k=min(pm.top_k or 1, n_clusters), n_clusters=n_clusters)
+    routing = {**pm.routing, "top_k": {"value": min(pm.routing_value("top_k") or 1, n_clusters), "source": "config"}}
+    manifest = Manifest(config=derived_cfg, embedder=pm.embedder, routing=routing, n_clusters=n_clusters)
     run.root.mkdir(parents=True, exist_ok=True)
     make_clusters(run.clusters_dir)
     # Routing and loading read these from the run directory itself; the seed's weights stay in the parent.
@@ -152,8 +154,6 @@ def _derived_manifest(parent: RunDir, pm: Manifest, cfg: PipelineConfig, run: Ru
 
 
 def _steps(parent: RunDir, branch: Path, run: RunDir, train: TrainConfig, n_clusters: int, name: str) -> dict:
-    from experts.budget import cluster_token_counts, steps_per_expert
-
     counts = cluster_token_counts(branch, parent.corpus_path, run.clusters_dir / "assignments.parquet", n_clusters,
                                   parent.root / ".cache" / "tokens")
     try:
@@ -176,15 +176,13 @@ def finish_derived(plan: DerivedPlan) -> RunDir:
     hashes = {c: manifest.experts.get(str(c), {}).get("hash") for c in sorted(plan.inputs)}
     run.record_stage(manifest, "train", hash_json(plan.inputs), hash_json(hashes))
     run.record_stage(manifest, "assemble", hash_json(hashes), None)
-    shutil.rmtree(run.root / "checkpoints", ignore_errors=True)
+    shutil.rmtree(run.checkpoints_root, ignore_errors=True)
     atomic_write_text(run.done_path, time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
     return run
 
 
 def build_derived(plan: DerivedPlan, show_progress: bool = True) -> RunDir:
     """Train the plan's experts one after another in this process, then finish the run."""
-    from experts.train import train_expert
-
     for cid in plan.todo:
         record_derived_expert(plan, cid, train_expert(**plan.train_kwargs(cid), show_progress=show_progress))
     return finish_derived(plan)
@@ -192,13 +190,11 @@ def build_derived(plan: DerivedPlan, show_progress: bool = True) -> RunDir:
 
 def plan_baseline(parent: RunDir, kind: str, seed: int = 0) -> DerivedPlan:
     """The ``dense`` or ``random`` baseline of ``parent`` under ``parent/baselines/KIND``."""
-    from cluster.fixed import fixed_clusters
-
     parse_baselines([kind])
     finished_parent(parent)
     labels, k = baseline_labels(parent, kind, seed)
     pm = parent.read_manifest()
-    return plan_derived(parent, parent.root / "baselines" / kind, f"baseline {kind}",
+    return plan_derived(parent, parent.baseline_dir(kind), f"baseline {kind}",
                         {"kind": kind, "seed": seed,
                          "cluster": (pm.stages.get("cluster") or {}).get("outputs") if kind == "random" else None},
                         k, lambda out: fixed_clusters(parent.corpus_path, parent.embeddings_dir, labels, k, out),

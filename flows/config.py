@@ -11,7 +11,7 @@ import tomli_w
 
 from cluster.config import ClusterConfig, CorpusConfig, EmbedConfig
 from ensemble.config import EnsembleConfig
-from ensemble.rundir import UserInputError
+from ground.errors import UserInputError
 from experts.config import SeedConfig, TrainConfig
 
 SECTIONS = {"corpus": CorpusConfig, "embed": EmbedConfig, "cluster": ClusterConfig, "seed": SeedConfig,
@@ -38,8 +38,13 @@ class PipelineConfig:
         if unknown:
             raise UserInputError(f"unknown config section(s) {sorted(unknown)}: valid sections are {sorted(SECTIONS)}")
         sections = {}
+        if "temperature" in (data.get("ensemble") or {}):
+            raise UserInputError("[ensemble] temperature is now called route_temperature (temperature means the "
+                                 "sampling temperature only): rename the key")
         for name, klass in SECTIONS.items():
             values = dict(data.get(name) or {})
+            if not isinstance(values, dict):
+                raise UserInputError(f"config section [{name}] must be a table of key = value, got {values!r}")
             valid = {f.name for f in dataclasses.fields(klass)}
             bad = set(values) - valid
             if bad:

@@ -8,38 +8,30 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from ensemble.device import resolve_device
-from ensemble.report import write_report
-from ensemble.rundir import RunDir, UserInputError
+from ensemble import Ensemble
 from flows.baselines import (DerivedPlan, finish_derived, finished_parent, parse_baselines, plan_baseline,
                              record_derived_expert)
 from flows.config import PipelineConfig
-from flows.pipeline import label_field, train_task
-from flows.runners import expert_task_options, is_remote
+from flows.evaluate import evaluate_run, heldout_texts, plot_per_cluster, plot_results, write_results
+from flows.report import label_field, write_report
+from flows.training import run_expert_tasks
+from ground.errors import UserInputError
+from ground.rundir import RunDir
 
 log = logging.getLogger("cbtm")
 
 
 def _train_baseline(plan: DerivedPlan, runner: str) -> RunDir:
-    """One Prefect task per baseline expert still to train (sequential on a local CPU), then finish the run."""
-    sequential = resolve_device(plan.train.device) == "cpu" and not is_remote(runner)
-    futures = {}
-    for cid in plan.todo:
-        with expert_task_options(runner):
-            futures[cid] = train_task.with_options(retries=plan.train.retries).submit(**plan.train_kwargs(cid))
-        if sequential:
-            futures[cid].wait()
-    for cid, future in futures.items():
-        record_derived_expert(plan, cid, future.result())
+    """One Prefect task per baseline expert still to train, each recorded as it finishes; then finish the run."""
+    run_expert_tasks({cid: plan.train_kwargs(cid) for cid in plan.todo}, runner, plan.train.device,
+                     plan.train.retries, lambda cid, summary: record_derived_expert(plan, cid, summary),
+                     f"baseline experts of {plan.run.root}")
     return finish_derived(plan)
 
 
 def _score_baselines(run: RunDir, baselines: list[str], texts: list[str], top_ks: list[int], results: dict,
                      nearest: list[int], runner: str) -> None:
     """Train (or reuse) each baseline and add its systems to ``results`` (per cluster of ``run``)."""
-    from ensemble import Ensemble
-    from ensemble.evaluate import evaluate_run
-
     vectors = results.pop("routing_vectors")
     for kind in baselines:
         plan = plan_baseline(run, kind)
@@ -62,13 +54,15 @@ def evaluate(run_dir: str, top_ks: list[int] | None = None, corpus: str | None =
     alone, overall and per cluster; ``baselines`` ("dense", "random") are trained at the run's token budget
     (cached under RUN/baselines) and scored on the same texts. Writes eval/results.json, two plots and the
     table in report.md."""
-    from ensemble import Ensemble
-    from ensemble.evaluate import evaluate_run, heldout_texts, plot_per_cluster, plot_results, write_results
-
     baselines = parse_baselines(baselines)
     run = RunDir(run_dir)
     finished_parent(run)  # names untrained experts before anything is loaded or scored
-    ens = Ensemble.load(run_dir)
+    with run.writing("eval"):
+        return _evaluate(run, top_ks, corpus, text_field, limit, baselines, runner)
+
+
+def _evaluate(run: RunDir, top_ks, corpus, text_field, limit, baselines, runner) -> dict:
+    ens = Ensemble.load(run.root)
     cfg = PipelineConfig.from_dict(ens.manifest.config)
     top_ks = top_ks or sorted({min(k, ens.n_experts) for k in (1, 2, 4, ens.n_experts)})
     bad = [k for k in top_ks if not 1 <= k <= ens.n_experts]
@@ -81,11 +75,11 @@ def evaluate(run_dir: str, top_ks: list[int] | None = None, corpus: str | None =
         nearest = [r[0][0] for r in ens.route(texts, top_k=1)]
         _score_baselines(run, baselines, texts, top_ks, results, nearest, runner)
     results.pop("routing_vectors", None)
-    write_results(run.root, results)
+    write_results(run.results_path, results)
     plot_results(results, run.plots_dir / "perplexity.png")
     plot_per_cluster(results, run.plots_dir / "perplexity_per_cluster.png")
     write_report(run, run.read_manifest(), label_field(cfg, run))
-    create_table_artifact(key="cbtm-evaluation", description=f"held-out perplexity of {run_dir}",
+    create_table_artifact(key="cbtm-evaluation", description=f"held-out perplexity of {run.root}",
                           table=[{"system": name, "perplexity": round(r["perplexity"], 3), "tokens": r["tokens"]}
                                  for name, r in results["systems"].items()])
     return results

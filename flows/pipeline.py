@@ -1,12 +1,11 @@
-"""Prefect flows: `build` (the whole pipeline) and `retrain` (one or more experts).
+"""Prefect flows `build` (the whole pipeline) and `retrain` (one or more experts).
 
-Each stage is a plain function from the `cluster`, `experts` or `ensemble` packages wrapped thinly as a
-task; artifacts move as files in the run directory, tasks return only small summaries. The flow body is
-the only writer of ``manifest.json``.
+Each stage is a plain function from the `cluster`, `experts` or `flows` packages wrapped thinly as a task;
+artifacts move as files in the run directory, tasks return only small summaries. The flow body is the only
+writer of ``manifest.json`` and holds the run's writer lock while it runs.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -14,41 +13,30 @@ import time
 from pathlib import Path
 
 from prefect import flow, task
-from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
-                               update_progress_artifact)
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from cluster.choose_k import choose_k
-from cluster.corpus import ingest_corpus
 from cluster.config import EmbedConfig
+from cluster.corpus import ingest_corpus
 from cluster.embed import embed_shard, load_embedder, plan_shards, stage_embedder, write_embeddings_meta
 from cluster.kmeans import cluster_corpus, read_clusters
 from cluster.report import clusters_table
-from ensemble.device import resolve_device
-from ensemble.progress import progress
-from ensemble.report import write_report
-from ensemble.rundir import (STAGES, Manifest, RunDir, UserInputError, atomic_write_text, clean_stale_temporaries,
-                             hash_json)
-from experts.budget import cluster_token_counts, steps_per_expert
+from ensemble.config import record_routing
 from experts.seed import build_seed, pretrain_seed
 from experts.tokenizer import train_tokenizer
-from experts.train import train_expert
 from flows.config import PipelineConfig
-from flows.runners import expert_task_options, is_remote
-from flows.stages import expert_is_current, record_expert, run_stage, stage_inputs
+from flows.report import label_field, write_report
+from flows.runners import is_remote
+from flows.stages import run_stage, stage_inputs
+from flows.training import train_experts
+from ground.device import resolve_device
+from ground.errors import UserInputError
+from ground.files import atomic_write_text, clean_stale_temporaries
+from ground.progress import progress
+from ground.rundir import STAGES, Manifest, RunDir
 
 log = logging.getLogger("cbtm")
-
-
-def _no_retry_on_user_error(task, task_run, state) -> bool:
-    try:
-        state.result()
-    except UserInputError:
-        return False
-    except Exception:
-        return True
-    return True
-
 
 ingest_task = task(ingest_corpus, name="ingest", cache_policy=NO_CACHE)
 _EMBEDDERS: dict[tuple[str, str], object] = {}  # per worker process: load the embedder once, not per shard
@@ -71,8 +59,6 @@ embed_shard_task = task(embed_one_shard, name="embed-shard", cache_policy=NO_CAC
 cluster_task = task(cluster_corpus, name="cluster", cache_policy=NO_CACHE)
 tokenizer_task = task(train_tokenizer, name="tokenizer", cache_policy=NO_CACHE)
 seed_task = task(build_seed, name="seed", cache_policy=NO_CACHE)
-train_task = task(train_expert, name="train-expert", cache_policy=NO_CACHE, retries=2,
-                  retry_condition_fn=_no_retry_on_user_error, task_run_name="train-expert-{cluster_id}")
 report_task = task(write_report, name="assemble", cache_policy=NO_CACHE)
 choose_k_task = task(choose_k, name="choose-k", cache_policy=NO_CACHE)
 pretrain_task = task(pretrain_seed, name="pretrain-seed", cache_policy=NO_CACHE)
@@ -81,12 +67,14 @@ pretrain_task = task(pretrain_seed, name="pretrain-seed", cache_policy=NO_CACHE)
 def open_run(run: RunDir, cfg: PipelineConfig, force: set[str] = frozenset()) -> Manifest:
     """Create the run directory or reopen it.
 
-    A run directory built from another corpus is refused unless ``ingest`` is forced. The config of an
-    existing run is replaced only when a build with the new one succeeds (`record_config`), so a failed
-    re-run never leaves a finished run describing a config it was not built with.
+    Refused: a file, an unwritable place, a non-empty directory that is not a cbtm run, and a run built from
+    another corpus unless ``ingest`` is forced. Only temporaries of dead cbtm processes are cleaned up. The
+    config of an existing run is replaced only when a build with the new one succeeds (`record_config`), so a
+    failed re-run never leaves a finished run describing a config it was not built with.
     """
+    run.check_usable_as_output()
     manifest = run.read_manifest() if run.exists() else Manifest()
-    corpus = str(Path(cfg.corpus.path).resolve())
+    corpus = str(Path(cfg.corpus.path).resolve()) if not cfg.corpus.path.startswith("hf:") else cfg.corpus.path
     previous = (manifest.config.get("corpus") or {}).get("path")
     if previous and previous != corpus and "ingest" not in force:
         raise UserInputError(f"run directory {run.root} was built from corpus {previous}, not {corpus}: "
@@ -132,76 +120,8 @@ def _embed(cfg: PipelineConfig, run: RunDir, runner: str) -> None:
     write_embeddings_meta(cfg.embed, run.corpus_path, run.embeddings_dir, embedder)
 
 
-def _branch_dir(cfg: PipelineConfig, run: RunDir) -> Path:
-    """Where experts branch from: the pretrained seed when there is a seed phase, else the seed."""
-    return run.root / "pretrained" if cfg.seed.pretrain_tokens else run.seed_dir
-
-
-def _token_cache(run: RunDir) -> Path:
-    return run.root / ".cache" / "tokens"  # hidden: not part of any stage's content hash
-
-
-def _train_experts(cfg: PipelineConfig, run: RunDir, manifest: Manifest, cluster_ids: list[int],
-                   force: bool, keep_done: bool = False, runner: str = "thread", from_current: bool = False) -> list[int]:
-    """Train the experts of ``cluster_ids`` that are not current; returns the ids that were trained.
-
-    Steps come from the token budget (split over all clusters); ``keep_done``: the run stays usable meanwhile
-    (retrain swaps complete experts one by one); ``from_current``: continue from the current experts.
-    """
-    assignments, branch = run.clusters_dir / "assignments.parquet", _branch_dir(cfg, run)
-    counts = cluster_token_counts(branch, run.corpus_path, assignments, cfg.cluster.n_clusters, _token_cache(run))
-    steps = steps_per_expert(cfg.train, counts)
-    todo = []
-    for cid in cluster_ids:
-        inputs = stage_inputs(cfg, manifest, "expert", cid, steps[cid])
-        if force or not expert_is_current(run, manifest, cid, inputs):
-            todo.append((cid, inputs))
-    log.info("  train     %d expert(s) to train, %d up to date", len(todo), len(cluster_ids) - len(todo))
-    if todo and not keep_done:
-        run.done_path.unlink(missing_ok=True)
-    # On CPU one expert at a time uses every core; on GPUs (or a remote cluster) the runner spreads them.
-    sequential = resolve_device(cfg.train.device) == "cpu" and not is_remote(runner)
-    futures, artifact = {}, create_progress_artifact(0.0, key="cbtm-training", description=f"experts of {run.root}")
-    task_ = train_task.with_options(retries=cfg.train.retries)
-    for cid, inputs in todo:
-        with expert_task_options(runner):
-            futures[cid] = (task_.submit(cfg.train, branch, run.corpus_path, assignments, cid, run.expert_dir(cid),
-                                         checkpoint_dir=run.root / "checkpoints" / str(cid), steps=steps[cid],
-                                         cache_dir=_token_cache(run),
-                                         init_dir=run.expert_dir(cid) if from_current else None), inputs)
-        if sequential:
-            futures[cid][0].wait()
-    _collect_experts(run, manifest, futures, artifact)
-    run.record_stage(manifest, "train", stage_inputs(cfg, manifest, "train"),
-                     hash_json({cid: e.get("hash") for cid, e in sorted(manifest.experts.items())}))
-    with contextlib.suppress(OSError):
-        (run.root / "checkpoints").rmdir()  # only when empty: checkpoints of failed experts are kept
-    return [cid for cid, _ in todo]
-
-
-def _collect_experts(run: RunDir, manifest: Manifest, futures: dict, progress) -> None:
-    """Record every finished expert; raise naming the experts that failed for good (the others are kept)."""
-    failed = {}
-    for done, (cid, (future, inputs)) in enumerate(futures.items(), start=1):
-        try:
-            summary = future.result()
-            if summary.get("skipped"):
-                log.warning("  expert %d skipped: %s; routing excludes it", cid, summary.get("reason"))
-            record_expert(run, manifest, cid, inputs, summary)
-        except UserInputError:
-            raise
-        except Exception as exc:  # keep every other expert; name the failed ones at the end
-            failed[cid] = f"{type(exc).__name__}: {exc}"
-        update_progress_artifact(progress, 100.0 * done / len(futures))
-    if failed:
-        names = "; ".join(f"expert {c}: {msg}" for c, msg in failed.items())
-        raise RuntimeError(f"{len(failed)} expert(s) failed for good ({names}); the others are kept; "
-                           "re-run the same command to retry only these")
-
-
 def _assemble(cfg: PipelineConfig, run: RunDir, manifest: Manifest) -> None:
-    manifest.temperature = manifest.temperature or cfg.ensemble.temperature
-    manifest.top_k = cfg.ensemble.top_k
+    manifest.routing = record_routing(manifest.routing, cfg.ensemble)
     inputs = stage_inputs(cfg, manifest, "assemble")
     ran = run_stage(run, manifest, "assemble", inputs, lambda: report_task(run, manifest, label_field(cfg, run)))
     if ran or not run.done_path.exists():
@@ -229,22 +149,9 @@ def summarize(run: RunDir) -> dict:
                         for cid, e in manifest.experts.items()}}
 
 
-def label_field(cfg: PipelineConfig, run: RunDir) -> str | None:
-    """The corpus column reports compare clusters with: corpus.label_field, else "label" or "domain"."""
-    import pyarrow.parquet as pq
-
-    names = pq.read_schema(run.corpus_path).names
-    if cfg.corpus.label_field:
-        if cfg.corpus.label_field not in names:
-            raise UserInputError(f"corpus has no label field {cfg.corpus.label_field!r}; its fields are "
-                                 f"{', '.join(names)}: fix corpus.label_field")
-        return cfg.corpus.label_field
-    return next((name for name in ("label", "domain") if name in names), None)
-
-
 def _choose_k(cfg: PipelineConfig, run: RunDir, manifest: Manifest, force: bool) -> None:
     """`--clusters auto`: score every k of cluster.auto_k, keep the best silhouette as cluster.n_clusters."""
-    out = run.root / "choose_k"
+    out = run.choose_k_dir
     run_stage(run, manifest, "choose_k", stage_inputs(cfg, manifest, "choose_k"),
               lambda: choose_k_task(run.embeddings_dir, run.corpus_path, cfg.cluster.auto_k, cfg.cluster.sample_size,
                                     cfg.cluster.seed, out), force=force)
@@ -266,10 +173,12 @@ def build(config: dict, run_dir: str, until: str = "assemble", force: list[str] 
         raise UserInputError(f"--until {until!r} is not a stage: use one of {', '.join(STAGES)}")
     cfg = PipelineConfig.from_dict(config)
     run = RunDir(run_dir)
-    manifest = open_run(run, cfg, set(force or []))
-    log.info("run directory %s", run.root)
-    _build_stages(cfg, run, manifest, until, set(force or []), runner)
-    record_config(cfg, run, manifest)
+    run.check_usable_as_output()
+    with run.writing("run"):
+        manifest = open_run(run, cfg, set(force or []))
+        log.info("run directory %s", run.root)
+        _build_stages(cfg, run, manifest, until, set(force or []), runner)
+        record_config(cfg, run, manifest)
     return summarize(run)
 
 
@@ -295,10 +204,10 @@ def _build_stages(cfg: PipelineConfig, run: RunDir, manifest: Manifest, until: s
               lambda: seed_task(cfg.seed, run.tokenizer_dir, run.seed_dir), force="train" in force)
     if cfg.seed.pretrain_tokens:  # Branch-Train-Merge seed phase: train the seed on everything first
         run_stage(run, manifest, "pretrain", stage_inputs(cfg, manifest, "pretrain"),
-                  lambda: pretrain_task(cfg.seed, cfg.train, run.seed_dir, run.corpus_path, run.root / "pretrained",
-                                        checkpoint_dir=run.root / "checkpoints" / "seed",
-                                        cache_dir=_token_cache(run)), force="train" in force)
-    _train_experts(cfg, run, manifest, list(range(cfg.cluster.n_clusters)), force="train" in force, runner=runner)
+                  lambda: pretrain_task(cfg.seed, cfg.train, run.seed_dir, run.corpus_path, run.pretrained_dir,
+                                        checkpoint_dir=run.checkpoint_dir("seed"), cache_dir=run.token_cache),
+                  force="train" in force)
+    train_experts(cfg, run, manifest, list(range(cfg.cluster.n_clusters)), force="train" in force, runner=runner)
     if until == "train":
         return
     _assemble(cfg, run, manifest)
@@ -309,8 +218,8 @@ def retrain(run_dir: str, cluster_ids: list[int], runner: str = "thread", from_c
     """Retrain the experts of ``cluster_ids`` from the seed (``from_current``: continue from the current
     expert); every other expert's files stay untouched.
 
-    Each new expert replaces the old one atomically, so an `Ensemble` loaded before keeps using the old
-    files until it calls `reload()`.
+    Each new expert replaces the old one atomically; an `Ensemble` loaded before keeps the version it
+    pinned when it loaded until it calls `reload()`.
     """
     run = RunDir(run_dir)
     manifest = run.read_manifest()
@@ -326,13 +235,10 @@ def retrain(run_dir: str, cluster_ids: list[int], runner: str = "thread", from_c
         if absent:
             raise UserInputError(f"--continue needs the current expert(s) {absent}, which do not exist: "
                                  "retrain them without --continue")
-    _train_experts(cfg, run, manifest, list(cluster_ids), force=True, keep_done=True, runner=runner,
-                   from_current=from_current)
-    if "assemble" in manifest.stages:
-        _assemble(cfg, run, manifest)
+    with run.writing("retrain"):
+        clean_stale_temporaries(run.root)
+        train_experts(cfg, run, manifest, list(cluster_ids), force=True, keep_done=True, runner=runner,
+                      from_current=from_current)
+        if "assemble" in manifest.stages:
+            _assemble(cfg, run, manifest)
     return summarize(run)
-
-
-def default_corpus() -> Path:
-    """The embedded demo corpus shipped with the project."""
-    return Path(__file__).resolve().parent.parent / "data" / "demo"

@@ -12,7 +12,7 @@ import socket
 from typing import Iterator
 from urllib.parse import urlparse
 
-from ensemble.rundir import UserInputError
+from ground.errors import UserInputError
 
 log = logging.getLogger("cbtm")
 

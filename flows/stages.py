@@ -1,29 +1,28 @@
 """Stage bookkeeping shared by the flows: input hashes, "is this stage current?", running a stage.
 
 A stage is skipped when the manifest records it with the same input hash *and* its outputs on disk still
-hash to what was recorded (a deleted or edited artifact is rebuilt). Nothing here imports Prefect.
+hash to what was recorded (a deleted or edited artifact is rebuilt). Which artifact records a stage is
+`RunDir.stage_output`; which settings never count is `ground.rundir.NOT_HASHED`. Nothing here imports Prefect.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
-from ensemble.rundir import Manifest, RunDir, hash_json, hash_path
 from flows.config import PipelineConfig
+from ground import faults
+from ground.files import hash_json, hash_path, model_files
+from ground.rundir import Manifest, RunDir, hashed_settings
 
 log = logging.getLogger("cbtm")
 
-# Settings that change where, how fast or how safely work runs, never what it computes.
-NOT_HASHED = {"device", "retries", "checkpoint_every", "eval_every", "compile", "pretrain_tokens"}
 
-
-def section_hash(section) -> dict:
-    """A config section as hashed for its stage (without the NOT_HASHED settings)."""
-    return {k: v for k, v in dataclasses.asdict(section).items() if k not in NOT_HASHED}
+def _seed_settings(cfg: PipelineConfig) -> dict:
+    # The seed phase (pretrain_tokens) is the pretrain stage's input, not the tokenizer's or the seed's.
+    return {k: v for k, v in hashed_settings(cfg.seed).items() if k != "pretrain_tokens"}
 
 
 def stage_inputs(cfg: PipelineConfig, manifest: Manifest, stage: str, cluster_id: int | None = None,
@@ -31,43 +30,37 @@ def stage_inputs(cfg: PipelineConfig, manifest: Manifest, stage: str, cluster_id
     """Content hash of everything ``stage`` depends on: its config section and its inputs' output hashes."""
     up = lambda name: (manifest.stages.get(name) or {}).get("outputs")  # noqa: E731
     if stage == "ingest":
-        return hash_json({"cfg": section_hash(cfg.corpus), "data": hash_path(Path(cfg.corpus.path))})
+        return hash_json({"cfg": hashed_settings(cfg.corpus), "data": hash_path(Path(cfg.corpus.path))})
     if stage == "embed":
-        return hash_json({"cfg": section_hash(cfg.embed), "ingest": up("ingest")})
+        return hash_json({"cfg": hashed_settings(cfg.embed), "ingest": up("ingest")})
     if stage == "choose_k":
         return hash_json({"k": cfg.cluster.auto_k, "sample": cfg.cluster.sample_size, "seed": cfg.cluster.seed,
                           "embed": up("embed")})
     if stage == "cluster":
-        return hash_json({"cfg": section_hash(cfg.cluster), "embed": up("embed"),
+        return hash_json({"cfg": hashed_settings(cfg.cluster), "embed": up("embed"),
                           "label_field": cfg.corpus.label_field})
     if stage in ("tokenizer", "seed"):
         prev = up("ingest") if stage == "tokenizer" else up("tokenizer")
-        return hash_json({"cfg": section_hash(cfg.seed), "up": prev})
+        return hash_json({"cfg": _seed_settings(cfg), "up": prev})
     if stage == "pretrain":
-        return hash_json({"tokens": cfg.seed.pretrain_tokens, "train": section_hash(cfg.train), "seed": up("seed")})
+        return hash_json({"tokens": cfg.seed.pretrain_tokens, "train": hashed_settings(cfg.train),
+                          "seed": up("seed")})
     if stage == "expert":
-        return hash_json({"cfg": section_hash(cfg.train), "seed": up("seed"), "cluster": up("cluster"),
+        return hash_json({"cfg": hashed_settings(cfg.train), "seed": up("seed"), "cluster": up("cluster"),
                           "pretrain": up("pretrain") if cfg.seed.pretrain_tokens else None,
                           "ingest": up("ingest"), "cluster_id": cluster_id, "steps": steps})
     if stage == "train":
         return hash_json({cid: e.get("inputs") for cid, e in sorted(manifest.experts.items())})
     if stage == "assemble":
-        return hash_json({"cfg": section_hash(cfg.ensemble), "train": up("train"), "cluster": up("cluster")})
+        return hash_json({"cfg": hashed_settings(cfg.ensemble), "train": up("train"), "cluster": up("cluster")})
     raise ValueError(f"unknown stage {stage!r}")
-
-
-STAGE_OUTPUTS: dict[str, Callable[[RunDir], Path]] = {
-    "ingest": lambda r: r.corpus_path, "embed": lambda r: r.embeddings_dir, "cluster": lambda r: r.clusters_dir,
-    "choose_k": lambda r: r.root / "choose_k", "pretrain": lambda r: r.root / "pretrained",
-    "tokenizer": lambda r: r.tokenizer_dir, "seed": lambda r: r.seed_dir, "assemble": lambda r: r.report_path,
-}
 
 
 def is_current(run: RunDir, manifest: Manifest, stage: str, inputs: str) -> bool:
     record = manifest.stages.get(stage)
     if not record or record.get("inputs") != inputs:
         return False
-    return hash_path(STAGE_OUTPUTS[stage](run)) == record.get("outputs")
+    return hash_path(run.stage_output(stage)) == record.get("outputs")
 
 
 def expert_is_current(run: RunDir, manifest: Manifest, cluster_id: int, inputs: str) -> bool:
@@ -85,7 +78,7 @@ def run_stage(run: RunDir, manifest: Manifest, stage: str, inputs: str, work: Ca
     if not force and is_current(run, manifest, stage, inputs):
         log.info("  %-9s up to date, skipped", stage)
         return False
-    out = STAGE_OUTPUTS[stage](run)
+    out = run.stage_output(stage)
     record = manifest.stages.get(stage)
     if record and record.get("inputs") != inputs and out.is_dir():
         shutil.rmtree(out)  # stale outputs of other inputs (e.g. embedding shards) must not be resumed
@@ -93,20 +86,28 @@ def run_stage(run: RunDir, manifest: Manifest, stage: str, inputs: str, work: Ca
     work()
     run.record_stage(manifest, stage, inputs, hash_path(out))
     log.info("  %-9s done in %.1fs", stage, time.perf_counter() - started)
+    faults.point(f"stage:{stage}")
     return True
 
 
-def record_expert(run: RunDir, manifest: Manifest, cluster_id: int, inputs: str, summary: dict) -> None:
-    """Enter a trained (or skipped) expert in the manifest's cluster id -> expert table.
+EXPERT_KEYS = ("steps", "tokens", "train_loss", "val_loss", "seconds", "device", "tokens_per_s", "resumed_from")
 
+
+def record_expert(run: RunDir, manifest: Manifest, cluster_id: int, inputs: str, summary: dict) -> None:
+    """Enter a trained (or skipped) expert in the manifest's cluster id -> expert table, and persist it.
+
+    Called the moment the expert is complete, so a killed run keeps it. The entry holds the content hash of
+    the expert directory and the size and sha256 of its model files (checked when an `Ensemble` loads it).
     A skipped expert (its cluster had too few tokens for one block) has no files; routing excludes it.
     """
-    keep = ("steps", "tokens", "train_loss", "val_loss", "seconds", "device", "tokens_per_s", "resumed_from")
     skipped = bool(summary.get("skipped"))
+    expert_dir = run.expert_dir(cluster_id)
     manifest.experts[str(cluster_id)] = {
-        "path": run.expert_dir(cluster_id).relative_to(run.root).as_posix(), "inputs": inputs,
-        "hash": None if skipped else hash_path(run.expert_dir(cluster_id)), "skipped": skipped,
-        **({"reason": summary.get("reason")} if skipped else {}), **{k: summary.get(k) for k in keep}}
+        "path": expert_dir.relative_to(run.root).as_posix(), "inputs": inputs,
+        "hash": None if skipped else hash_path(expert_dir), "files": {} if skipped else model_files(expert_dir),
+        "skipped": skipped, **({"reason": summary.get("reason")} if skipped else {}),
+        **{k: summary.get(k) for k in EXPERT_KEYS}}
     if skipped:
-        shutil.rmtree(run.expert_dir(cluster_id), ignore_errors=True)  # an older expert must not be served
+        shutil.rmtree(expert_dir, ignore_errors=True)  # an older expert must not be served
     run.write_manifest(manifest)
+    faults.point(f"expert:{cluster_id}")

@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 from scipy.optimize import linear_sum_assignment
 
 from cluster.balance import assignment_cost, balanced_assignment, dual_bound, greedy_regret_assignment
-from ensemble.rundir import UserInputError
+from ground.errors import UserInputError
 
 
 def costs(n, k, seed, ties=False):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from cluster.choose_k import best_k, choose_k, score_ks
-from ensemble.rundir import UserInputError
+from ground.errors import UserInputError
 from tests.cluster.test_kmeans import blobs, clustered_inputs
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from cluster.config import CorpusConfig
 from cluster.corpus import heldout, ingest_corpus, read_documents
-from ensemble.rundir import UserInputError
+from ground.errors import UserInputError
 from tests.conftest import demo_records, write_jsonl
 
 

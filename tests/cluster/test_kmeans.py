@@ -9,7 +9,7 @@ import pytest
 from cluster.config import ClusterConfig
 from cluster.kmeans import SphericalKMeans, balance_capacity, cluster_corpus, read_clusters, squared_distances
 from cluster.report import distinctive_words
-from ensemble.rundir import UserInputError
+from ground.errors import UserInputError
 from tests.conftest import SLICE_DOMAINS, demo_records
 
 

@@ -7,7 +7,7 @@ from cluster.config import CorpusConfig, EmbedConfig
 from cluster.corpus import ingest_corpus, read_documents
 from cluster.embed import embed_corpus, load_embedder, load_embeddings
 from cluster.tfidf import TfidfEmbedder, training_sample
-from ensemble.rundir import UserInputError
+from ground.errors import UserInputError
 from tests.conftest import demo_records, write_jsonl
 
 

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from ensemble import Ensemble
-from ensemble.rundir import IncompatibleRunError
-from ensemble.scoring import WindowRouting, expert_logprobs
+from ground.errors import IncompatibleRunError
 
 COOKING = "How long should bread dough rise before it goes into the oven?"
 
@@ -26,11 +25,39 @@ def cluster_of_domain(run_dir, domain):
     return int(counts.argmax())
 
 
+def hf_logprobs(ens, expert, ids):
+    """log p(token_t | tokens before it) of one expert, straight from its HF model (no cbtm scoring code)."""
+    model = ens.expert_model(expert)
+    x = torch.tensor([[ens.tokenizer.eos_token_id, *ids]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=x).logits[0, :-1].double(), -1)
+    return logp.gather(1, x[0, 1:, None])[:, 0].numpy()
+
+
+def reference_weights(ens, ids, top_k):
+    """Window weights [n_tokens, n_clusters] from first principles: the first window by cluster size, each
+    later window by softmax(-d^2/T) over the embedding of (at most 256) tokens before it, top-k renormalised."""
+    window, temperature = ens.route_window, ens.route_temperature
+    sizes = json.loads((ens.run.clusters_dir / "clusters.json").read_text())["clusters"]
+    prior = np.array([c["size_train_balanced"] for c in sizes], float)
+    w = np.zeros((len(ids), ens.n_clusters))
+    w[:window] = prior / prior.sum()
+    centroids = np.load(ens.run.clusters_dir / "centroids.npy")
+    for start in range(window, len(ids), window):
+        v = ens.embed([ens.tokenizer.decode(ids[max(0, start - 256):start])])[0]
+        logits = -((v[None] - centroids) ** 2).sum(1) / temperature
+        keep = np.argsort(-logits, kind="stable")[:top_k]
+        p = np.exp(logits[keep] - logits[keep].max())
+        w[start:start + window, keep] = p / p.sum()
+    return w
+
+
 def test_a_cooking_prompt_goes_to_the_cooking_cluster(ens, built_run):
-    routes = ens.route(COOKING)
+    routes = ens.route(COOKING, top_k=3)
     assert routes[0][0] == cluster_of_domain(built_run, "cooking")
     assert sum(w for _, w in routes) == pytest.approx(1.0)
     assert [w for _, w in routes] == sorted((w for _, w in routes), reverse=True)
+    assert len(ens.route(COOKING)) == ens.top_k == 2  # route() defaults to the run's top_k
     assert len(ens.route([COOKING, "The goalkeeper saved a penalty."], top_k=2)[1]) == 2
 
 
@@ -58,36 +85,27 @@ def test_only_the_routed_experts_are_loaded(built_run):
     assert sum(e["loaded"] for e in bounded.experts) == 1
 
 
-def test_all_experts_perplexity_is_the_dense_mixture(ens):
+@pytest.mark.parametrize("backend", ["stacked", "sequential"])
+def test_scores_are_the_routed_mixture_of_the_experts_own_probabilities(built_run, backend):
+    ens = Ensemble.load(built_run, backend=backend)
     text = "Knead the dough for ten minutes. " * 3 + "The striker scored a late goal in the league match."
-    got = ens.score(text, top_k=3)[0]
-    ids = ens.tokenizer(text, add_special_tokens=False)["input_ids"]
-    weights = WindowRouting(ens, [ids]).matrices(3, ens.temperature)[0]
-    per_expert = np.stack([expert_logprobs(ens.expert_model(e), [ens.tokenizer.eos_token_id, *ids],
-                                           ens.max_positions, "cpu") for e in range(3)], axis=1)
-    dense = np.log((weights * np.exp(per_expert)).sum(1))
-    np.testing.assert_allclose(got, dense, rtol=1e-6)
-    assert np.all(weights > 0)
-    assert ens.perplexity(text, top_k=3) == pytest.approx(float(np.exp(-dense.mean())))
+    ids = ens.encode(text)
+    assert len(ids) > 2 * ens.route_window
+    per_expert = np.stack([hf_logprobs(ens, e, ids) for e in range(3)], axis=1)
+    for top_k in (1, 2, 3):
+        expected = np.log((reference_weights(ens, ids, top_k) * np.exp(per_expert)).sum(1))
+        np.testing.assert_allclose(ens.score(text, top_k=top_k)[0], expected, rtol=1e-5, atol=1e-6)
+    assert ens.perplexity(text, top_k=3) == pytest.approx(float(np.exp(-expected.mean())), rel=1e-5)
 
 
-def test_top1_mixture_equals_that_expert_alone(ens):
+def test_top1_after_the_first_window_is_the_routed_expert_alone(ens):
     text = "Preheat the oven and roast the vegetables with a little oil and salt. " * 4
-    ids = ens.tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = ens.encode(text)
     window = ens.route_window
-    assert len(ids) > 2 * window
     got = ens.score(text, top_k=1)[0]
-    context = ens.tokenizer.decode(ids[:window])  # what routes the second window
-    expert = ens.route(context, top_k=1)[0][0]
-    alone = expert_logprobs(ens.expert_model(expert), [ens.tokenizer.eos_token_id, *ids], ens.max_positions, "cpu")
-    np.testing.assert_allclose(got[window:2 * window], alone[window:2 * window], rtol=1e-9)
-    # The first window has no context: every expert scores it, weighted by cluster size.
-    weights = WindowRouting(ens, [ids]).matrices(1, ens.temperature)[0]
-    assert np.all(weights[:window] > 0) and np.count_nonzero(weights[window]) == 1
-    with torch.no_grad():
-        x = torch.tensor([[ens.tokenizer.eos_token_id, *ids]])
-        loss = float(ens.expert_model(expert)(input_ids=x, labels=x).loss)
-    assert np.exp(-alone.mean()) == pytest.approx(np.exp(loss), rel=1e-4)
+    expert = ens.route(ens.tokenizer.decode(ids[:window]), top_k=1)[0][0]
+    np.testing.assert_allclose(got[window:2 * window], hf_logprobs(ens, expert, ids)[window:2 * window], rtol=1e-5)
+    assert not np.allclose(got[:window], hf_logprobs(ens, expert, ids)[:window])  # first window: every expert
 
 
 @pytest.mark.parametrize("call", [
@@ -113,10 +131,8 @@ def test_incomplete_or_foreign_run_directories_are_refused(built_run, tmp_path):
         Ensemble.load(copy)
 
 
-def test_missing_expert_files_raise_file_not_found(built_run, tmp_path):
+def test_missing_expert_files_are_named_at_load(built_run, tmp_path):
     copy = shutil.copytree(built_run, tmp_path / "copy")
-    ens = Ensemble.load(copy)
-    cid = ens.route(COOKING)[0][0]
-    shutil.rmtree(copy / "experts" / str(cid))
-    with pytest.raises(FileNotFoundError, match="retrain"):
-        ens.generate(COOKING, max_new_tokens=2, top_k=1)
+    shutil.rmtree(copy / "experts" / "1")
+    with pytest.raises(FileNotFoundError, match=r"expert 1 .*cbtm retrain .* --cluster 1"):
+        Ensemble.load(copy)

@@ -1,6 +1,6 @@
 import pytest
 
-from ensemble.rundir import UserInputError
+from ground.errors import UserInputError
 from experts.budget import steps_per_expert
 from experts.config import TrainConfig
 

@@ -15,10 +15,10 @@ import textwrap
 import pytest
 import torch
 
-from ensemble.rundir import UserInputError
+from ground.errors import UserInputError
 from experts.checkpoint import CheckpointStore
 from experts.config import TrainConfig
-from experts.seed import load_causal_lm
+from experts.models import load_causal_lm
 from experts.train import train_expert
 
 CFG = TrainConfig(steps=12, batch_size=2, block_size=16, checkpoint_every=4, eval_every=6, warmup_steps=2,

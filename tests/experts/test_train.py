@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from ensemble.rundir import UserInputError
+from ground.errors import UserInputError
 from experts.config import SeedConfig, TrainConfig
-from experts.seed import load_causal_lm
+from experts.models import load_causal_lm
 from experts.tokenizer import load_tokenizer
-from experts.train import evaluate, lr_factor, pack, train_expert
+from experts.data import cluster_texts, pack
+from experts.train import evaluate, lr_factor, train_expert
 
 
 def test_tokenizer_round_trips_and_is_shared_by_the_seed(seeded):
@@ -26,8 +27,6 @@ def test_training_lowers_heldout_loss_and_writes_a_loadable_expert(seeded, tmp_p
     cfg = TrainConfig(steps=40, batch_size=4, block_size=32, eval_every=20, warmup_steps=4, lr=5e-3)
     summary = train_expert(cfg, seed_dir, corpus, assignments, 0, tmp_path / "expert", show_progress=False)
     tok = load_tokenizer(seed_dir)
-    from experts.train import cluster_texts
-
     val = pack(tok, cluster_texts(corpus, assignments, 0, "heldout"))
     before = evaluate(load_causal_lm(seed_dir), val, 32, "cpu", None)
     after = evaluate(load_causal_lm(tmp_path / "expert"), val, 32, "cpu", None)
@@ -117,7 +116,7 @@ def test_continue_from_the_current_expert_and_refuse_another_vocabulary(seeded, 
 
 def test_bad_device_and_missing_seed_are_one_line_errors(seeded, tmp_path):
     root, corpus, assignments, seed_dir = seeded
-    with pytest.raises(UserInputError, match="unknown device"):
+    with pytest.raises(UserInputError, match="unknown train.device"):
         train_expert(TrainConfig(device="tpu"), seed_dir, corpus, assignments, 0, tmp_path / "x")
     with pytest.raises(UserInputError, match="does not exist"):
         train_expert(TrainConfig(), tmp_path / "nope", corpus, assignments, 0, tmp_path / "x")

@@ -5,7 +5,8 @@ import shutil
 import pytest
 
 from ensemble import Ensemble
-from ensemble.rundir import RunDir, hash_path
+from ground.files import file_sha256, hash_path
+from ground.rundir import RunDir
 from flows.cli import main
 from flows.pipeline import build, retrain
 from tests.conftest import tiny_config, write_jsonl
@@ -26,9 +27,9 @@ EXPECTED_FILES = {
 
 
 def files(root):
-    """Every file of the run directory but the hidden token cache."""
+    """Every file of the run directory but the hidden ones (token cache, writer lock)."""
     return {p.relative_to(root).as_posix() for p in root.rglob("*")
-            if p.is_file() and not p.relative_to(root).as_posix().startswith(".cache/")}
+            if p.is_file() and not p.relative_to(root).as_posix().startswith(".")}
 
 
 def expert_mtimes(run_dir):
@@ -38,13 +39,18 @@ def expert_mtimes(run_dir):
 def test_build_writes_the_run_directory_contract(built_run):
     assert files(built_run) == EXPECTED_FILES
     manifest = json.loads((built_run / "manifest.json").read_text())
-    assert manifest["format"] == "cbtm-run" and manifest["schema_version"] == 1
+    assert manifest["format"] == "cbtm-run" and manifest["schema_version"] == 2
     assert set(manifest["stages"]) == {"ingest", "embed", "cluster", "tokenizer", "seed", "train", "assemble"}
     assert {k: v["path"] for k, v in manifest["experts"].items()} == {str(i): f"experts/{i}" for i in range(3)}
-    assert manifest["embedder"] == "all-MiniLM-L6-v2" and manifest["temperature"] > 0
+    assert manifest["embedder"] == "all-MiniLM-L6-v2"
+    assert manifest["routing"] == {"route_temperature": {"value": 0.1, "source": "config"},
+                                   "top_k": {"value": 2, "source": "config"}}
     assert {"torch", "transformers", "prefect"} <= set(manifest["versions"])
     for cid, entry in manifest["experts"].items():
         assert hash_path(built_run / entry["path"]) == entry["hash"]
+        assert set(entry["files"]) == {"config.json", "generation_config.json", "model.safetensors"}
+        weights = built_run / entry["path"] / "model.safetensors"
+        assert entry["files"]["model.safetensors"] == {"size": weights.stat().st_size, "sha256": file_sha256(weights)}
     report = (built_run / "report.md").read_text()
     assert "plots/cluster_sizes.png" in report and "| 2 |" in report
     from transformers import AutoModelForCausalLM
@@ -92,8 +98,9 @@ def test_retrain_replaces_one_expert_and_leaves_the_others_untouched(built_run, 
     assert ens.generate("Bread dough", max_new_tokens=8, top_k=1) == old_text  # old files until reload
     manifest = RunDir(run_dir).read_manifest()
     assert manifest.experts["2"]["hash"] == hash_path(run_dir / "experts" / "2")
-    ens.reload()
-    assert ens._hashes[2] == manifest.experts["2"]["hash"]
+    assert ens.reload() == [2]
+    assert ens.generate("Bread dough", max_new_tokens=8, top_k=1, experts=[2]) != \
+        Ensemble.load(built_run).generate("Bread dough", max_new_tokens=8, top_k=1, experts=[2])
 
 
 def test_cli_query_and_eval_on_a_built_run(built_run, capsys):

@@ -1,6 +1,6 @@
 import pytest
 
-from ensemble.rundir import UserInputError
+from ground.errors import UserInputError
 from flows.config import PipelineConfig, parse_value
 
 

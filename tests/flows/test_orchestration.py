@@ -5,8 +5,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from ensemble.rundir import UserInputError
-from flows import pipeline
+from ground.errors import UserInputError
+from flows import pipeline, training
 from flows.cli import main
 from flows.runners import check_reachable, parse_spec
 from tests.conftest import tiny_config
@@ -15,7 +15,7 @@ from tests.conftest import tiny_config
 @pytest.fixture
 def flaky_training(monkeypatch):
     """Make the training task fail for chosen clusters: ``fail[cid] = n`` fails its first n attempts."""
-    original, fail, calls = pipeline.train_task.fn, {}, []
+    original, fail, calls = training.train_task.fn, {}, []
 
     def flaky(cfg, seed_dir, corpus_path, assignments_path, cluster_id, out_dir, **kwargs):
         calls.append(cluster_id)
@@ -24,7 +24,7 @@ def flaky_training(monkeypatch):
             raise RuntimeError(f"simulated crash of expert {cluster_id}")
         return original(cfg, seed_dir, corpus_path, assignments_path, cluster_id, out_dir, **kwargs)
 
-    monkeypatch.setattr(pipeline.train_task, "fn", flaky)
+    monkeypatch.setattr(training.train_task, "fn", flaky)
     return fail, calls
 
 

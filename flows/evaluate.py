@@ -7,7 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ensemble.rundir import UserInputError, atomic_write_text
+from cluster.corpus import load_corpus, read_documents
+from ensemble.scoring import mix
+from ground.errors import UserInputError
+from ground.files import atomic_write_text
+from ground.plots import figure, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -15,15 +19,11 @@ log = logging.getLogger(__name__)
 def heldout_texts(ens, corpus: Path | None = None, text_field: str = "text") -> list[str]:
     """The run's held-out documents, or every document of another corpus file."""
     if corpus is None:
-        from cluster.corpus import read_documents
-
         texts = read_documents(ens.run.corpus_path, split="heldout", columns=["text"]).column("text").to_pylist()
         if not texts:
             raise UserInputError(f"run {ens.run.root} has no held-out documents (corpus.heldout_fraction is 0): "
                                  "pass --corpus FILE to evaluate on another corpus")
         return texts
-    from cluster.corpus import load_corpus
-
     ds = load_corpus(Path(corpus))
     if text_field not in ds.column_names:
         raise UserInputError(f"corpus {corpus} has no field {text_field!r} (the run's text field); its fields are "
@@ -57,17 +57,15 @@ def evaluate_run(ens, texts: list[str], top_ks: list[int], nearest: list[int] | 
     on the clusters of the run it is compared with; ``prefix`` names its systems ("dense ", "random ").
     ``results["routing_vectors"]`` (not JSON: pop it) can be passed to the next call over the same texts.
     """
-    from ensemble.scoring import WindowRouting, experts_logprobs, mix
-
     if nearest is None:
         nearest, n_clusters = [r[0][0] for r in ens.route(texts, top_k=1)], ens.n_clusters
-    encoded = [ens.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    routing = WindowRouting(ens, encoded, routing_vectors)
-    per_text = experts_logprobs(ens, encoded, routing.matrices(ens.n_experts, ens.temperature))
-    results = {"n_texts": len(texts), "temperature": ens.temperature, "systems": {},
-               "routing_vectors": routing.vectors}
+    plan = ens.scoring(texts, vectors=routing_vectors)
+    temperature = ens.route_temperature
+    per_text = plan.logprobs(plan.weights(ens.n_experts, temperature))
+    results = {"n_texts": len(texts), "route_temperature": temperature, "systems": {},
+               "routing_vectors": plan.vectors}
     for top_k in sorted(set(min(k, ens.n_experts) for k in top_ks)):
-        logps = mix(routing.matrices(top_k, ens.temperature), per_text)
+        logps = mix(plan.weights(top_k, temperature), per_text)
         name = prefix + ("all experts" if top_k == ens.n_experts else f"top-{top_k}")
         if ens.n_experts == 1:
             name = prefix.strip() or "the only expert"
@@ -81,14 +79,12 @@ def evaluate_run(ens, texts: list[str], top_ks: list[int], nearest: list[int] | 
 
 def plot_results(results: dict, path: Path) -> Path:
     """Bars: held-out perplexity of every system, overall and on each expert's own cluster."""
-    from cluster.report import pyplot, save_figure
-
-    plt = pyplot()
     names = list(results["systems"])
     values = [results["systems"][n]["perplexity"] for n in names]
     own = [results["systems"][n]["per_cluster"].get(str(results["systems"][n].get("expert")), {}).get("perplexity")
            for n in names]
-    fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(names) + 2), 3.6))
+    fig = figure(figsize=(max(5, 0.8 * len(names) + 2), 3.6))
+    ax = fig.subplots()
     x = np.arange(len(names))
     ax.bar(x - 0.2, values, 0.4, label="all held-out text")
     ax.bar(x + 0.2, [v or 0 for v in own], 0.4, label="the expert's own cluster")
@@ -102,12 +98,10 @@ def plot_results(results: dict, path: Path) -> Path:
 
 def plot_per_cluster(results: dict, path: Path) -> Path:
     """Held-out perplexity on each cluster's documents, one line per system (experts alone left out)."""
-    from cluster.report import pyplot, save_figure
-
-    plt = pyplot()
     systems = {n: r for n, r in results["systems"].items() if "expert" not in r}
     clusters = sorted({int(c) for r in systems.values() for c in r["per_cluster"]})
-    fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(clusters) + 3), 3.6))
+    fig = figure(figsize=(max(5, 0.45 * len(clusters) + 3), 3.6))
+    ax = fig.subplots()
     for i, (name, r) in enumerate(systems.items()):
         ys = [r["per_cluster"].get(str(c), {}).get("perplexity", np.nan) for c in clusters]
         ax.plot(clusters, ys, "o-" if i < 10 else "s--", label=name, markersize=4)
@@ -120,20 +114,31 @@ def plot_per_cluster(results: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def write_results(run_root: Path, results: dict) -> Path:
-    path = Path(run_root) / "eval" / "results.json"
+def write_results(path: Path, results: dict) -> Path:
     atomic_write_text(path, json.dumps(results, indent=2) + "\n")
     return path
 
 
+def tune_temperature(ens, texts: list[str], grid: list[float], top_k: int) -> dict:
+    """Held-out perplexity for every routing temperature in ``grid``; the experts run once (the top-k set is the
+    same for every T, only the weights change). Returns {"top_k", "grid": [{route_temperature, perplexity}],
+    "best": T}."""
+    plan = ens.scoring(texts)
+    per_text = plan.logprobs(plan.weights(top_k, grid[0]))
+    rows = []
+    for temperature in grid:
+        flat = np.concatenate(mix(plan.weights(top_k, temperature), per_text))
+        rows.append({"route_temperature": float(temperature), "perplexity": float(np.exp(-flat.mean()))})
+    best = min(rows, key=lambda r: r["perplexity"])["route_temperature"]
+    return {"top_k": top_k, "grid": rows, "best": best}
+
+
 def plot_temperature(results: dict, path: Path) -> Path:
     """Held-out perplexity against the routing temperature (log x axis), the chosen T marked."""
-    from cluster.report import pyplot, save_figure
-
-    plt = pyplot()
     grid = results["grid"]
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot([r["temperature"] for r in grid], [r["perplexity"] for r in grid], "o-")
+    fig = figure(figsize=(5, 3.2))
+    ax = fig.subplots()
+    ax.plot([r["route_temperature"] for r in grid], [r["perplexity"] for r in grid], "o-")
     ax.axvline(results["best"], color="tab:red", linestyle="--", label=f"chosen T = {results['best']:g}")
     ax.set_xscale("log")
     ax.set_xlabel("routing temperature T")

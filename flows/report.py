@@ -5,20 +5,24 @@ import json
 import logging
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 from cluster.kmeans import read_clusters
 from cluster.report import clusters_markdown, write_cluster_plots
-from ensemble.rundir import Manifest, RunDir, atomic_write_text
 from experts.train import read_metrics
+from flows.config import PipelineConfig
+from ground.errors import UserInputError
+from ground.files import atomic_write_text
+from ground.plots import figure, save_figure
+from ground.rundir import Manifest, RunDir
 
 log = logging.getLogger(__name__)
 
 
 def plot_loss_curves(run: RunDir, cluster_ids: list[int], path: Path) -> Path:
     """Training (solid) and validation (dots) loss against tokens seen, one colour per expert."""
-    from cluster.report import pyplot, save_figure
-
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.8))
+    fig = figure(figsize=(6, 3.8))
+    ax = fig.subplots()
     for i, cid in enumerate(cluster_ids):
         rows = read_metrics(run.expert_dir(cid))
         colour = f"C{i % 10}"
@@ -33,6 +37,22 @@ def plot_loss_curves(run: RunDir, cluster_ids: list[int], path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def label_field(cfg: PipelineConfig, run: RunDir) -> str | None:
+    """The corpus column reports compare clusters with: corpus.label_field, else "label" or "domain"."""
+    names = pq.read_schema(run.corpus_path).names
+    if cfg.corpus.label_field:
+        if cfg.corpus.label_field not in names:
+            raise UserInputError(f"corpus has no label field {cfg.corpus.label_field!r}; its fields are "
+                                 f"{', '.join(names)}: fix corpus.label_field")
+        return cfg.corpus.label_field
+    return next((name for name in ("label", "domain") if name in names), None)
+
+
+def _routing(manifest: Manifest, key: str) -> str:
+    entry = manifest.routing.get(key) or {}
+    return f"{entry.get('value')} ({entry.get('source', 'config')})"
+
+
 def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
@@ -44,8 +64,9 @@ def write_report(run: RunDir, manifest: Manifest, label_field: str | None = None
     write_cluster_plots(run.clusters_dir, run.corpus_path, run.embeddings_dir, run.plots_dir, label_field)
     plot_loss_curves(run, ids, run.plots_dir / "loss_curves.png")
     lines = [f"# cbtm run `{run.root.name}`", "",
-             f"Embedder `{manifest.embedder}`, {len(clusters)} experts, routing temperature {manifest.temperature}, "
-             f"default top-k {manifest.top_k}. Corpus `{manifest.config.get('corpus', {}).get('path')}`.", "",
+             f"Embedder `{manifest.embedder}`, {len(clusters)} experts, route temperature "
+             f"{_routing(manifest, 'route_temperature')}, default top-k {_routing(manifest, 'top_k')}. "
+             f"Corpus `{manifest.config.get('corpus', {}).get('path')}`.", "",
              clusters_markdown(run.clusters_dir, "plots"), "", *_experts_section(run, manifest, ids),
              *_evaluation_section(run)]
     atomic_write_text(run.report_path, "\n".join(lines) + "\n")
@@ -70,7 +91,7 @@ def _evaluation_section(run: RunDir) -> list[str]:
     if not path.exists():
         return ["", "Held-out evaluation: run `cbtm eval` to add it here."]
     results = json.loads(path.read_text())
-    lines = ["", "## Held-out perplexity", "", f"Routing temperature {results.get('temperature')}; a token's weights "
+    lines = ["", "## Held-out perplexity", "", f"Route temperature {results.get('route_temperature')}; a token's weights "
              "come from the text before it. \"expert i alone\": that expert on all held-out text, and on its own "
              "cluster's.", *_baselines_note(results), "", "![perplexity by system](plots/perplexity.png)",
              "![perplexity per cluster](plots/perplexity_per_cluster.png)", "",

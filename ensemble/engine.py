@@ -1,0 +1,235 @@
+"""The decoding engine: rows (prompts) decode together, each row's next token drawn from the routing-weighted
+mixture of its experts' next-token probabilities. It knows nothing of `Ensemble`: it takes a backend (which
+runs experts by cluster_id), the tokenizer, a routing callable and the context length.
+
+A row is served by one *lane* per expert it is routed to: the lane holds that expert's KV state over the row's
+tokens. A `Batch` takes rows at any step (`add`), drops finished or cancelled rows at once, and per `step` asks
+the backend once for every lane (a backend runs each expert once on all its lanes, or all experts in one
+stacked call). ``reroute_every=N`` re-routes a row every N tokens: lanes of experts that leave are dropped,
+experts that enter get a lane prefilled from the row's whole context.
+
+Backends implement ``lanes() -> LaneSet`` where a LaneSet has ``add(experts, contexts) -> (lane ids, probs)``,
+``step(lane ids, tokens) -> probs`` and ``remove(lane ids)``; probs are float32 [n, vocab].
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Protocol, Sequence
+
+from ensemble.sampling import Sampling, cut_at_stop, pick_token
+
+# texts, one routing spec per text -> one {cluster_id: weight} per text (weights sum to 1)
+RouteFn = Callable[[list[str], list[object]], list[dict[int, float]]]
+STOP_WINDOW = 32  # tokens decoded to look for a stop string after each new token
+
+
+class LaneSet(Protocol):
+    def add(self, experts: list[int], contexts: list[list[int]]): ...
+    def step(self, lanes: list[int], tokens: list[int]): ...
+    def remove(self, lanes: list[int]) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclass
+class Row:
+    """One prompt being continued. ``finish`` is None while it decodes, then "stop" (eos or a stop string),
+    "length" (max_new_tokens reached) or "cancelled". ``lanes`` and ``lane_probs`` are keyed by cluster_id."""
+
+    prompt: str
+    ids: list[int]
+    max_new_tokens: int
+    sampling: Sampling
+    route_spec: object = None
+    reroute_every: int | None = None
+    produced: list[int] = field(default_factory=list)
+    weights: dict[int, float] = field(default_factory=dict)
+    lanes: dict[int, int] = field(default_factory=dict)
+    lane_probs: dict[int, object] = field(default_factory=dict)  # float32 [vocab] next-token probs per expert
+    finish: str | None = None
+    generator: object = None
+    tag: object = None  # the caller's handle (a server request)
+
+    def mixture(self):
+        """The routing-weighted sum of the lanes' next-token probabilities, float32 [vocab]; summed in cluster_id
+        order, so the same row gives the same sum in any batch."""
+        out = None
+        for expert, weight in self.weights.items():
+            term = float(weight) * self.lane_probs[expert]
+            out = term if out is None else out + term
+        return out
+
+
+@dataclass
+class StepEvent:
+    row: Row
+    token: int | None  # None when the row ended without a new token (eos)
+    finish: str | None
+
+
+class Batch:
+    """Rows decoding together; rows can join (`add`) and leave (`cancel`) between steps. One thread steps a
+    batch (the server's scheduler, or one `Engine.generate` call)."""
+
+    def __init__(self, engine: "Engine"):
+        self.engine = engine
+        self.lanes = engine.backend.lanes()
+        self.rows: list[Row] = []
+        self._new: list[Row] = []
+
+    def add(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling, route_spec=None,
+            reroute_every: int | None = None, prompt: str = "", tag=None, row_index: int = 0) -> Row:
+        """Queue a row; it is routed and prefilled at the next `step`. ``prompt_ids`` exclude the leading eos;
+        ``row_index`` offsets the sampling seed (prompt i of a call samples with seed + i)."""
+        eos = self.engine.tokenizer.eos_token_id
+        row = Row(prompt, [eos, *prompt_ids], int(max_new_tokens), sampling, route_spec, reroute_every,
+                  generator=sampling.generator(row_index), tag=tag)
+        self._new.append(row)
+        return row
+
+    def cancel(self, row: Row) -> None:
+        """Stop ``row`` now (a client that went away): its lanes are freed at once."""
+        if row.finish is None:
+            row.finish = "cancelled"
+            self._drop(row)
+
+    @property
+    def active(self) -> list[Row]:
+        return [r for r in [*self.rows, *self._new] if r.finish is None]
+
+    def step(self) -> list[StepEvent]:
+        """Prefill the rows that joined, then give every active row one token. Returns one event per row
+        that produced a token or ended in this step."""
+        self._admit()
+        live = [r for r in self.rows if r.finish is None]
+        events = [self._advance(row) for row in live]
+        self.rows = [r for r in live if r.finish is None]
+        due = [r for r in self.rows if r.reroute_every and len(r.produced) % r.reroute_every == 0]
+        fresh = self._reroute(due) if due else set()
+        self._feed([(row, e) for row in self.rows for e in row.lanes if (id(row), e) not in fresh])
+        return events
+
+    def close(self) -> None:
+        for row in self.active:
+            self.cancel(row)
+        self.lanes.close()
+
+    # ------------------------------------------------------------------------------------------ internals
+    def _admit(self) -> None:
+        new = [r for r in self._new if r.finish is None]
+        self._new = []
+        if not new:
+            return
+        routes = self.engine.route([r.prompt for r in new], [r.route_spec for r in new])
+        for row, route in zip(new, routes):
+            row.weights = dict(sorted(route.items()))
+        self._open([(row, e) for row in new for e in row.weights])
+        self.rows.extend(new)
+
+    def _open(self, pairs: list[tuple[Row, int]]) -> None:
+        """New lanes, prefilled with their row's whole context: their probs are the next token's."""
+        if pairs:
+            lane_ids, probs = self.lanes.add([e for _, e in pairs], [row.ids for row, _ in pairs])
+            for (row, expert), lane, p in zip(pairs, lane_ids, probs):
+                row.lanes[expert], row.lane_probs[expert] = lane, p
+
+    def _feed(self, pairs: list[tuple[Row, int]]) -> None:
+        """The given lanes consume their row's newest token."""
+        if pairs:
+            probs = self.lanes.step([row.lanes[e] for row, e in pairs], [row.ids[-1] for row, _ in pairs])
+            for (row, expert), p in zip(pairs, probs):
+                row.lane_probs[expert] = p
+
+    def _advance(self, row: Row) -> StepEvent:
+        tok = self.engine.tokenizer
+        token = pick_token(row.mixture(), row.sampling, row.generator)
+        if token == tok.eos_token_id:
+            row.finish = "stop"
+            self._drop(row)
+            return StepEvent(row, None, "stop")
+        row.produced.append(token)
+        row.ids.append(token)
+        if row.sampling.stop and any(s in tok.decode(row.produced[-STOP_WINDOW:], skip_special_tokens=True)
+                                     for s in row.sampling.stop):
+            row.finish = "stop"  # the caller cuts the text at the stop string
+        elif len(row.produced) >= row.max_new_tokens:
+            row.finish = "length"
+        if row.finish:
+            self._drop(row)
+        return StepEvent(row, token, row.finish)
+
+    def _drop(self, row: Row) -> None:
+        if row.lanes:
+            self.lanes.remove(list(row.lanes.values()))
+        row.lanes, row.lane_probs = {}, {}
+
+    def _reroute(self, rows: list[Row]) -> set[tuple[int, int]]:
+        """New weights for ``rows`` from their context so far; returns the (row, expert) lanes opened now."""
+        tok = self.engine.tokenizer
+        texts = [r.prompt + tok.decode(r.produced, skip_special_tokens=True) for r in rows]
+        entering = []
+        for row, route in zip(rows, self.engine.route(texts, [r.route_spec for r in rows])):
+            leaving = [e for e in row.lanes if e not in route]
+            if leaving:
+                self.lanes.remove([row.lanes.pop(e) for e in leaving])
+                for e in leaving:
+                    row.lane_probs.pop(e, None)
+            entering += [(row, e) for e in route if e not in row.lanes]
+            row.weights = dict(sorted(route.items()))
+        self._open(entering)
+        return {(id(row), e) for row, e in entering}
+
+
+class Decoding:
+    """One call's rows decoding together; iterating yields each step's events and closes the batch at the end."""
+
+    def __init__(self, engine: "Engine", prompts: list[str], max_new_tokens: int, sampling: Sampling, route_spec,
+                 reroute_every: int | None):
+        encoded = [engine.encode(p) for p in prompts]
+        for i, ids in enumerate(encoded):
+            engine.check_fits(len(ids), max_new_tokens, None if len(prompts) == 1 else i)
+        self.batch = Batch(engine)
+        self.rows = [self.batch.add(ids, max_new_tokens, sampling, route_spec, reroute_every, prompt=p, row_index=i)
+                     for i, (p, ids) in enumerate(zip(prompts, encoded))]
+        self.max_new_tokens = max_new_tokens
+
+    def __iter__(self) -> Iterator[list[StepEvent]]:
+        try:
+            while self.max_new_tokens > 0 and self.batch.active:
+                yield self.batch.step()
+        finally:
+            self.batch.close()
+
+
+class Engine:
+    """Generation from a routed mixture of experts over any backend (sequential HF models or stacked)."""
+
+    def __init__(self, backend, tokenizer, route: RouteFn, context_length: int,
+                 tokenizer_lock: threading.Lock | None = None):
+        self.backend, self.tokenizer, self.route = backend, tokenizer, route
+        self.context_length = int(context_length)
+        self.tokenizer_lock = tokenizer_lock or threading.Lock()
+
+    def encode(self, text: str) -> list[int]:
+        with self.tokenizer_lock:  # fast tokenizers are not safe to call from several threads at once
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def check_fits(self, n_prompt: int, max_new_tokens: int, index: int | None = None) -> None:
+        """ValueError when a prompt of ``n_prompt`` tokens cannot take ``max_new_tokens`` more in the context
+        (one position holds the leading end-of-text token)."""
+        room = self.context_length - 1 - n_prompt
+        if max_new_tokens > room:
+            which = "the prompt" if index is None else f"prompt {index}"
+            raise ValueError(f"{which} has {n_prompt} tokens, so at most {max(room, 0)} new tokens fit in the "
+                             f"context of {self.context_length} positions, got max_new_tokens={max_new_tokens}: "
+                             "shorten the prompt or ask for fewer tokens")
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int, sampling: Sampling, route_spec=None,
+                 reroute_every: int | None = None) -> "Decoding":
+        """Decode ``prompts`` together: iterate the result for each step's events; ``.rows`` in prompt order.
+        Raises ValueError at once when a prompt and ``max_new_tokens`` do not fit the context."""
+        return Decoding(self, list(prompts), max_new_tokens, sampling, route_spec, reroute_every)
+
+    def text(self, row: Row) -> str:
+        """The row's completion so far, cut at its first stop string."""
+        return cut_at_stop(self.tokenizer.decode(row.produced, skip_special_tokens=True), row.sampling.stop)[0]

@@ -1,0 +1,102 @@
+"""The `cbtm` command line: every command and flag (`flows.cli` runs them, `flows.commands` implements them)."""
+from __future__ import annotations
+
+import argparse
+
+from ground.rundir import STAGES
+
+AUTO_K = [2, 4, 8, 16, 32]
+
+
+def parser() -> argparse.ArgumentParser:
+    """The `cbtm` argument parser (every command and flag, with help)."""
+    p = argparse.ArgumentParser(prog="cbtm", description="Cluster-Branch-Train-Merge: discover domains, train one "
+                                "expert LM per domain, query the sparse ensemble.")
+    p.add_argument("-v", "--verbose", action="store_true", help="show Prefect logs and full tracebacks")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the pipeline end to end (default: the embedded demo corpus)",
+                         description="Run the build flow: ingest, embed, cluster, train one expert per cluster, "
+                         "assemble. Re-running the same command resumes and skips finished stages.")
+    run.add_argument("--config", metavar="FILE", help="TOML pipeline config (sections corpus, embed, cluster, seed, "
+                     "train, ensemble); flags below override it")
+    run.add_argument("--corpus", metavar="PATH", help="JSONL(.gz)/Parquet/CSV file or a directory of them "
+                     "(default: the demo corpus data/demo)")
+    run.add_argument("--text-field", metavar="NAME", help="the field holding each document's text (default: text)")
+    run.add_argument("--clusters", metavar="K", help="number of clusters = experts (default: 6), or auto: "
+                     "the best silhouette among 2,4,8,16,32 (see `cbtm clusters choose-k`)")
+    run.add_argument("--out", metavar="DIR", help="run directory (default: runs/demo, or runs/<corpus name>)")
+    run.add_argument("--until", metavar="STAGE", choices=STAGES, default="assemble",
+                     help=f"stop after this stage: {', '.join(STAGES)} (default: assemble)")
+    run.add_argument("--force", metavar="STAGE", action="append", choices=STAGES, default=[],
+                     help="re-run this stage even if it is up to date (repeatable)")
+    run.add_argument("--runner", metavar="SPEC", default="thread",
+                     help="Prefect task runner: thread (default), process, ray, ray=ADDRESS, dask, dask=ADDRESS "
+                     "(for process/ray/dask one API server is started and shared by the workers)")
+    run.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
+                     help="override one config value, e.g. --set train.steps=300 (repeatable)")
+
+    retrain = sub.add_parser("retrain", help="retrain one cluster's expert and nothing else",
+                             description="Retrain the expert(s) of the given cluster(s) from the seed; the new "
+                             "expert replaces the old one atomically.")
+    retrain.add_argument("run_dir", metavar="RUN", help="a finished run directory")
+    retrain.add_argument("--cluster", metavar="I", type=int, action="append", required=True,
+                         help="cluster id whose expert is retrained (repeatable)")
+    retrain.add_argument("--runner", metavar="SPEC", default="thread", help="task runner, as for `cbtm run`")
+    retrain.add_argument("--continue", dest="from_current", action="store_true",
+                         help="continue training the current expert instead of starting again from the seed")
+
+    query = sub.add_parser("query", help="route a prompt and print the ensemble's completion",
+                           description="Print the routing weights of PROMPT and the top-k ensemble's completion.")
+    query.add_argument("run_dir", metavar="RUN", help="a finished run directory")
+    query.add_argument("prompt", metavar="PROMPT", help="the text to continue")
+    query.add_argument("--top-k", type=int, default=None, help="experts to mix (default: the run's top_k)")
+    query.add_argument("--route-temperature", type=float, default=None,
+                       help="routing temperature T in softmax(-d^2/T) (default: the run's, tuned or configured)")
+    query.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate (default: 40)")
+    query.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    query.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --sample)")
+    query.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --sample)")
+    query.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    query.add_argument("--reroute-every", metavar="N", type=int, default=None,
+                       help="re-embed the growing context every N tokens and update the weights")
+
+    clusters = sub.add_parser("clusters", help="inspect the clustering of a run (choose-k)",
+                              description="Clustering tools; `cbtm clusters choose-k RUN --k 2,4,8` scores k.")
+    csub = clusters.add_subparsers(dest="clusters_command", required=True, metavar="TOOL")
+    ck = csub.add_parser("choose-k", help="inertia and sampled silhouette for several k, with a plot",
+                         description="Fit spherical k-means for every k on the run's embedded training sample; "
+                         "print inertia and silhouette, write RUN/choose_k/choose_k.json and choose_k.png.")
+    ck.add_argument("run_dir", metavar="RUN", help="a run directory embedded at least (cbtm run --until embed)")
+    ck.add_argument("--k", default=",".join(map(str, AUTO_K)), help="comma-separated k (default: 2,4,8,16,32)")
+    ck.add_argument("--sample-size", type=int, default=100_000, help="documents fitted per k (default: 100000)")
+    ck.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+
+    tune = sub.add_parser("tune-temperature", help="pick the routing temperature by held-out perplexity",
+                          description="Score the held-out split at every temperature of the grid (the experts run "
+                          "once), record the best in the run's manifest, plot perplexity against T.")
+    tune.add_argument("run_dir", metavar="RUN", help="a finished run directory")
+    tune.add_argument("--grid", default="0.01,0.03,0.1,0.3,1,3",
+                      help="comma-separated routing temperatures > 0 (default: 0.01,0.03,0.1,0.3,1,3)")
+    tune.add_argument("--top-k", type=int, default=None, help="experts mixed while scoring (default: the run's)")
+    tune.add_argument("--limit", metavar="N", type=int, default=None, help="use at most N held-out documents")
+    tune.add_argument("--clear", action="store_true",
+                      help="forget the tuned temperature: the run's config value applies again")
+
+    ev = sub.add_parser("eval", help="held-out perplexity of the ensemble, its experts and equal-budget baselines",
+                        description="Score held-out text under the ensemble (routing from preceding context) at "
+                        "top-1, top-2, top-4 and all experts, each expert alone, and optional baselines trained at "
+                        "the run's total token budget; write RUN/eval/results.json, plots and report.md.")
+    ev.add_argument("run_dir", metavar="RUN", help="a finished run directory")
+    ev.add_argument("--corpus", metavar="PATH", help="evaluate on this corpus instead of the run's held-out split")
+    ev.add_argument("--text-field", metavar="NAME", default=None,
+                    help="text field of --corpus (default: the run's corpus.text_field)")
+    ev.add_argument("--top-k", metavar="K", type=int, action="append", help="top-k to evaluate (repeatable; "
+                    "default: 1, 2, 4 and all)")
+    ev.add_argument("--limit", metavar="N", type=int, default=None, help="evaluate at most N documents")
+    ev.add_argument("--baselines", metavar="LIST", default="",
+                    help="comma-separated: dense (one model, k = 1) and/or random (random clusters of the same "
+                    "sizes), trained at the same total token budget and cached in RUN/baselines")
+    ev.add_argument("--runner", metavar="SPEC", default="thread", help="task runner for baseline training, as for "
+                    "`cbtm run`")
+    return p
