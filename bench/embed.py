@@ -162,9 +162,8 @@ def time_tfidf(corpus: Path, tmp: Path) -> tuple[str, int, float]:
     import sklearn.feature_extraction.text  # noqa: F401
 
     from cluster.config import EmbedConfig
-    from cluster.embed import embed_corpus
-
     from cluster.corpus import read_documents
+    from cluster.embed import embed_corpus
 
     cfg = EmbedConfig(kind="tfidf")
     _, seconds = timed(lambda: embed_corpus(cfg, corpus, tmp / "emb-tfidf"))

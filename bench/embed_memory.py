@@ -80,12 +80,12 @@ def write_corpus(path: Path, n: int) -> None:
 
 def child(args: argparse.Namespace) -> None:
     """Run one stage (ingest or embed) in this fresh process; print one JSON line: seconds and peak RSS."""
+    import sklearn.decomposition  # noqa: F401  (imported up front: the baseline holds the libraries)
+    import sklearn.feature_extraction.text  # noqa: F401
+
     from cluster.config import CorpusConfig, EmbedConfig
     from cluster.corpus import ingest_corpus
     from cluster.embed import embed_corpus
-
-    import sklearn.decomposition  # noqa: F401  (imported up front: the baseline holds the libraries)
-    import sklearn.feature_extraction.text  # noqa: F401
 
     stage, corpus, out = args.child[0], Path(args.child[1]), Path(args.child[2])
     report = {"after_imports": peak_mib()}

@@ -25,8 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cluster.balance import (assignment_cost, balanced_assignment, dual_bound,  # noqa: E402
-                             greedy_regret_assignment)
+from cluster.balance import assignment_cost, balanced_assignment, dual_bound, greedy_regret_assignment  # noqa: E402
 from cluster.kmeans import SphericalKMeans, balance_capacity  # noqa: E402
 
 

@@ -35,9 +35,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cluster.config import ClusterConfig  # noqa: E402
-from ground.rundir import RunDir  # noqa: E402
 from flows.baselines import baseline_labels, build_derived, plan_derived  # noqa: E402
 from flows.config import PipelineConfig  # noqa: E402
+from ground.rundir import RunDir  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 

@@ -84,8 +84,8 @@ class BareLoop:
         import numpy as np
         import torch
 
-        from ground.device import autocast_dtype, resolve_device
         from experts.models import load_causal_lm
+        from ground.device import autocast_dtype, resolve_device
 
         self.torch, self.cfg = torch, cfg
         self.device = resolve_device(cfg.device)

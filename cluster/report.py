@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from cluster.embed import load_embeddings
 from ground.plots import colormap, figure, save_figure
@@ -198,8 +199,6 @@ def write_cluster_plots(clusters_dir: Path, corpus_path: Path, embeddings_dir: P
     Always cluster_sizes.png and cluster_map.png (training documents); cluster_labels.png when
     ``label_field`` is given and clusters.json has a ``label_quality`` block.
     """
-    import pyarrow.parquet as pq
-
     meta = json.loads((Path(clusters_dir) / "clusters.json").read_text())
     plots_dir = Path(plots_dir)
     out = [plot_cluster_sizes(meta["clusters"], plots_dir / PLOT_FILES["sizes"], meta.get("capacity"))]

@@ -15,6 +15,9 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from ground.errors import UserInputError
 from ground.files import atomic_dir
@@ -132,10 +135,6 @@ def training_sample(corpus_path: Path, size: int, seed: int = SEED) -> list[str]
     Two streamed passes (count the training rows, then take the chosen ones), so memory is the sample
     plus one row group, whatever the corpus size. Uses every document when none is in training.
     """
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
     parquet = pq.ParquetFile(corpus_path)
     # Row group by row group (the ingest stage writes them <= 10,000 rows): unlike iter_batches, this
     # does not leave each decoded batch's memory with the allocator.

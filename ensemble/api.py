@@ -108,7 +108,9 @@ class Ensemble:
         manifest = run.read_manifest()
         if not run.done_path.exists() or "assemble" not in manifest.stages:
             raise IncompatibleRunError(f"run {run.root} is not finished: complete it with `cbtm run --out {run.root}`")
-        for path in (run.centroids_path, run.clusters_dir / "clusters.json", run.tokenizer_dir, run.seed_dir / "config.json"):
+        needed = (run.centroids_path, run.clusters_dir / "clusters.json", run.tokenizer_dir,
+                  run.seed_dir / "config.json")
+        for path in needed:
             if not path.exists():
                 raise IncompatibleRunError(f"run {run.root} is incomplete ({path.relative_to(run.root)} is missing): "
                                            f"finish it with `cbtm run --out {run.root} --force cluster`")

@@ -48,7 +48,8 @@ class PinnedExpert:
                 self._fds[name] = os.open(self.path / name, os.O_RDONLY)
         except FileNotFoundError as exc:
             self.close()
-            raise FileNotFoundError(f"expert {cluster_id}: {Path(exc.filename).name} is missing: {self._repair}") from None
+            name = Path(exc.filename).name
+            raise FileNotFoundError(f"expert {cluster_id}: {name} is missing: {self._repair}") from None
         for name, record in self._files.items():
             size = os.fstat(self._fds[name]).st_size
             if size != record["size"]:

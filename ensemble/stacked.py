@@ -5,14 +5,12 @@ Weights: one slot per loaded expert, each parameter a tensor [slots, ...] in Hug
 layout (so every projection equals `F.linear` of the expert's own model). A forward runs over a *composition*
 (the slots its lanes use): the stack itself when every slot is used, else those slots gathered once per change
 of composition. Activations are laid out [experts, lanes per expert, tokens, width] for the projections
-(`torch.bmm`), and per lane for attention over the lanes' KV caches. `ensemble.stacked_backend` holds the slots and the lanes' KV caches.
+(`torch.bmm`), and per lane for attention over the lanes' KV caches. `ensemble.stacked_backend` holds the
+slots and the lanes' KV caches.
 """
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

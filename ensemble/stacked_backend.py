@@ -251,7 +251,8 @@ class StackedLanes:
             values = self.V[li][: len(rows), :, :span] if contiguous else self.V[li][row_t, :, :span]
             import torch.nn.functional as F
 
-            return F.scaled_dot_product_attention(q, keys, values, attn_mask=None if mask is None else mask[:, None, None],
+            attn_mask = None if mask is None else mask[:, None, None]
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask,
                                                   enable_gqa=keys.shape[1] != q.shape[1])
 
         ids = torch.tensor(tokens, device=device)[torch.tensor(order, device=device)][:, None]

@@ -10,10 +10,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ground.errors import UserInputError
 from experts.config import TrainConfig
 from experts.data import tokenize_corpus, train_token_counts
 from experts.tokenizer import open_tokenizer
+from ground.errors import UserInputError
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,7 @@
 """Loading causal LMs: `from_pretrained` under `ground.loading.model_loading` (one at a time, quietly)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ground.errors import UserInputError
@@ -25,8 +26,6 @@ def load_causal_lm(name_or_path: str | Path, **kwargs):
 
 def read_vocab_size(model_dir: Path) -> int:
     """``vocab_size`` from a model directory's config.json; UserInputError if it is not a model directory."""
-    import json
-
     try:
         return int(json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"])
     except (OSError, ValueError, KeyError, TypeError) as exc:

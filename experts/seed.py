@@ -6,14 +6,14 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
-from ground.errors import UserInputError
-from ground.files import atomic_dir
 from experts.config import PRESETS, SeedConfig
 from experts.data import token_stream, tokenize_corpus
 from experts.models import load_causal_lm
 from experts.tokenizer import load_tokenizer, open_tokenizer
 from experts.train import run_training
 from ground.device import resolve_device
+from ground.errors import UserInputError
+from ground.files import atomic_dir
 
 log = logging.getLogger(__name__)
 

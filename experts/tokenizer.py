@@ -4,9 +4,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from experts.config import SeedConfig
 from ground.errors import UserInputError
 from ground.files import atomic_dir
-from experts.config import SeedConfig
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +58,6 @@ def _train_bpe(corpus_path: Path, vocab_size: int):
 
 def _train_text_batches(corpus_path: Path, batch_rows: int = 4096):
     """Training-split texts in batches (lists of str) streamed from the corpus Parquet: memory stays bounded."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
     for batch in pq.ParquetFile(corpus_path).iter_batches(batch_size=batch_rows, columns=["text", "split"]):
         yield batch.filter(pc.equal(batch.column("split"), "train")).column("text").to_pylist()
 

@@ -19,17 +19,17 @@ from typing import Callable
 
 import numpy as np
 
-from ground.device import autocast_dtype, resolve_device
-from ground.plots import figure, save_figure
-from ground.progress import progress
-from ground.errors import UserInputError
-from ground.files import atomic_dir, hash_json, hash_path
-from ground.rundir import hashed_settings
 from experts.checkpoint import CheckpointStore
 from experts.config import TrainConfig
 from experts.data import BlockSampler, gather, token_stream, tokenize_corpus
 from experts.models import load_causal_lm, read_vocab_size
 from experts.tokenizer import open_tokenizer
+from ground.device import autocast_dtype, resolve_device
+from ground.errors import UserInputError
+from ground.files import atomic_dir, hash_json, hash_path
+from ground.plots import figure, save_figure
+from ground.progress import progress
+from ground.rundir import hashed_settings
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-
 import pyarrow.parquet as pq
 
 from cluster.fixed import fixed_clusters, random_train_labels

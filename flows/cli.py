@@ -8,6 +8,7 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 
 from flows.cli_args import parser
 
@@ -44,8 +45,6 @@ def _setup_logging(verbose: bool) -> None:
                       "prefect.task_runs", "prefect.server", "uvicorn"):
             logging.getLogger(noisy).setLevel(logging.CRITICAL if noisy.startswith(("prefect", "uvicorn"))
                                               else logging.ERROR)
-        import warnings
-
         warnings.filterwarnings("ignore")
 
 

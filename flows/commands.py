@@ -153,6 +153,7 @@ def cmd_clusters(args) -> int:
     print(f"{'k':>4} {'inertia':>10} {'silhouette':>11}")
     for row in result["results"]:
         sil = "n/a" if row["silhouette"] is None else f"{row['silhouette']:.4f}"
-        print(f"{row['k']:>4} {row['inertia']:>10.4f} {sil:>11}" + ("  <- best" if row["k"] == result["best_k"] else ""))
+        best = "  <- best" if row["k"] == result["best_k"] else ""
+        print(f"{row['k']:>4} {row['inertia']:>10.4f} {sil:>11}{best}")
     print(f"Plot: {run.choose_k_dir / 'choose_k.png'}; use it with `cbtm run --clusters K` (or --clusters auto)")
     return 0

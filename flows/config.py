@@ -2,17 +2,17 @@
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import tomli_w
+import tomllib
 
 from cluster.config import ClusterConfig, CorpusConfig, EmbedConfig
 from ensemble.config import EnsembleConfig
-from ground.errors import UserInputError
 from experts.config import SeedConfig, TrainConfig
+from ground.errors import UserInputError
 
 SECTIONS = {"corpus": CorpusConfig, "embed": EmbedConfig, "cluster": ClusterConfig, "seed": SeedConfig,
             "train": TrainConfig, "ensemble": EnsembleConfig}

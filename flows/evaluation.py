@@ -9,8 +9,14 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from ensemble import Ensemble
-from flows.baselines import (DerivedPlan, finish_derived, finished_parent, parse_baselines, plan_baseline,
-                             record_derived_expert)
+from flows.baselines import (
+    DerivedPlan,
+    finish_derived,
+    finished_parent,
+    parse_baselines,
+    plan_baseline,
+    record_derived_expert,
+)
 from flows.config import PipelineConfig
 from flows.evaluate import evaluate_run, heldout_texts, plot_per_cluster, plot_results, write_results
 from flows.report import label_field, write_report

@@ -12,6 +12,7 @@ import logging
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -102,8 +103,6 @@ def _embed(cfg: PipelineConfig, run: RunDir, runner: str) -> None:
     The embedder is prepared here first: stale shards of other settings are cleared and a tf-idf embedder is
     fitted and saved, so every worker loads the same one. On a local CPU shards run one after another.
     """
-    import pyarrow.parquet as pq
-
     embedder = stage_embedder(cfg.embed, run.corpus_path, run.embeddings_dir)
     _EMBEDDERS[(json.dumps(dataclasses.asdict(cfg.embed), sort_keys=True), str(run.embeddings_dir))] = embedder
     n_rows = pq.ParquetFile(run.corpus_path).metadata.num_rows

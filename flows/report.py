@@ -91,7 +91,8 @@ def _evaluation_section(run: RunDir) -> list[str]:
     if not path.exists():
         return ["", "Held-out evaluation: run `cbtm eval` to add it here."]
     results = json.loads(path.read_text())
-    lines = ["", "## Held-out perplexity", "", f"Route temperature {results.get('route_temperature')}; a token's weights "
+    temperature = results.get("route_temperature", results.get("temperature"))
+    lines = ["", "## Held-out perplexity", "", f"Route temperature {temperature}; a token's weights "
              "come from the text before it. \"expert i alone\": that expert on all held-out text, and on its own "
              "cluster's.", *_baselines_note(results), "", "![perplexity by system](plots/perplexity.png)",
              "![perplexity per cluster](plots/perplexity_per_cluster.png)", "",
@@ -107,7 +108,8 @@ def _evaluation_section(run: RunDir) -> list[str]:
 
 
 def _baselines_note(results: dict) -> list[str]:
-    notes = [f"`{kind}` ({b['n_experts']} expert(s), `{b['path']}`)" for kind, b in results.get("baselines", {}).items()]
+    notes = [f"`{kind}` ({b['n_experts']} expert(s), `{b['path']}`)"
+             for kind, b in results.get("baselines", {}).items()]
     if not notes:
         return []
     budget = next(iter(results["baselines"].values()))["budget_tokens"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import types
 import typing
 
@@ -84,8 +85,6 @@ def finite_positive(value, what: str) -> float:
 
 def whole_number(value, what: str, low: int | None = None, high: int | None = None) -> int:
     """``value`` if it is an int (not a bool) within [low, high], else UserInputError naming ``what``."""
-    import numbers
-
     ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if not ok or (low is not None and value < low) or (high is not None and value > high):
         bounds = (f" between {low} and {high}" if high is not None else f" >= {low}") if low is not None else ""

@@ -32,6 +32,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Iterator
 
@@ -54,8 +55,6 @@ def hashed_settings(section) -> dict:
 
 def library_versions() -> dict[str, str]:
     """Versions of the libraries whose behaviour defines a run."""
-    from importlib import metadata
-
     out = {}
     for name in ("cbtm", "torch", "transformers", "sentence-transformers", "scikit-learn", "numpy",
                  "tokenizers", "datasets", "prefect"):
@@ -193,12 +192,13 @@ class RunDir:
 
     def read_manifest(self) -> Manifest:
         if not self.manifest_path.exists():
-            raise IncompatibleRunError(
-                f"{self.root} is not a cbtm run directory (no manifest.json): build one with `cbtm run --out {self.root}`")
+            raise IncompatibleRunError(f"{self.root} is not a cbtm run directory (no manifest.json): build one with "
+                                       f"`cbtm run --out {self.root}`")
         try:
             data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise IncompatibleRunError(f"{self.manifest_path} is corrupt ({type(exc).__name__}): rebuild the run") from exc
+            raise IncompatibleRunError(f"{self.manifest_path} is corrupt ({type(exc).__name__}): "
+                                       "rebuild the run") from exc
         if not isinstance(data, dict):
             raise IncompatibleRunError(f"{self.manifest_path} is corrupt (not a JSON object): rebuild the run")
         return Manifest.from_json(data, self.manifest_path)

@@ -10,8 +10,15 @@ import pytest
 
 from cluster.config import CorpusConfig, EmbedConfig
 from cluster.corpus import ingest_corpus, read_documents
-from cluster.embed import (SentenceTransformerEmbedder, embed_corpus, embed_shard, encode_length_sorted,
-                           load_embeddings, plan_shards, stage_embedder)
+from cluster.embed import (
+    SentenceTransformerEmbedder,
+    embed_corpus,
+    embed_shard,
+    encode_length_sorted,
+    load_embeddings,
+    plan_shards,
+    stage_embedder,
+)
 from ground.errors import UserInputError
 from tests.conftest import DEMO, ROOT, demo_records, write_jsonl
 

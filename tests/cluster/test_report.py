@@ -1,10 +1,19 @@
+import sys
+
 import numpy as np
 import pytest
 
 from cluster.config import ClusterConfig
 from cluster.kmeans import cluster_corpus
-from cluster.report import (PLOT_FILES, clusters_markdown, clusters_table, label_quality, plot_cluster_map,
-                            project_2d, write_cluster_plots)
+from cluster.report import (
+    PLOT_FILES,
+    clusters_markdown,
+    clusters_table,
+    label_quality,
+    plot_cluster_map,
+    project_2d,
+    write_cluster_plots,
+)
 from tests.cluster.test_kmeans import clustered_inputs
 
 
@@ -48,10 +57,14 @@ def test_markdown_has_sizes_words_labels_nearest_documents_and_plot_links(cluste
     assert {"train docs", "train docs (balanced)", "distinctive words", "top labels"} <= set(table[0])
 
 
-def test_map_falls_back_to_pca_and_handles_tiny_inputs(tmp_path):
-    x = np.random.default_rng(0).normal(size=(30, 5)).astype(np.float32)
-    xy, method = project_2d(x, method="pca")
-    assert xy.shape == (30, 2) and method == "pca"
+def test_without_umap_the_map_is_the_first_two_principal_components(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "umap", None)  # `import umap` now raises ImportError, as when not installed
+    x = np.random.default_rng(0).normal(size=(30, 5)).astype(np.float32) * np.array([5, 3, 1, 1, 1], np.float32)
+    xy, method = project_2d(x)
+    assert method == "pca" and xy.shape == (30, 2)
+    centred = x - x.mean(0)
+    axes = np.linalg.svd(centred, full_matrices=False)[2][:2]
+    np.testing.assert_allclose(np.abs(xy), np.abs(centred @ axes.T), rtol=1e-3, atol=1e-4)  # up to sign
     path = plot_cluster_map(x[:3, :1], np.array([0, 1, 1]), tmp_path / "map.png")
     assert path.exists()
 

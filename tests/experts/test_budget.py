@@ -1,8 +1,8 @@
 import pytest
 
-from ground.errors import UserInputError
 from experts.budget import steps_per_expert
 from experts.config import TrainConfig
+from ground.errors import UserInputError
 
 STEP = 2 * 16  # tokens per step below
 

@@ -15,11 +15,11 @@ import textwrap
 import pytest
 import torch
 
-from ground.errors import UserInputError
 from experts.checkpoint import CheckpointStore
 from experts.config import TrainConfig
 from experts.models import load_causal_lm
 from experts.train import train_expert
+from ground.errors import UserInputError
 
 CFG = TrainConfig(steps=12, batch_size=2, block_size=16, checkpoint_every=4, eval_every=6, warmup_steps=2,
                   precision="fp32")

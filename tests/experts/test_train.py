@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from ground.errors import UserInputError
 from experts.config import SeedConfig, TrainConfig
+from experts.data import cluster_texts, pack
 from experts.models import load_causal_lm
 from experts.tokenizer import load_tokenizer
-from experts.data import cluster_texts, pack
 from experts.train import evaluate, lr_factor, train_expert
+from ground.errors import UserInputError
 
 
 def test_tokenizer_round_trips_and_is_shared_by_the_seed(seeded):

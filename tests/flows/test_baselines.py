@@ -7,11 +7,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from ensemble import Ensemble
+from flows.baselines import parse_baselines, plan_baseline, plan_derived
+from flows.cli import main
 from ground.errors import UserInputError
 from ground.files import hash_path
 from ground.rundir import RunDir
-from flows.baselines import parse_baselines, plan_baseline, plan_derived
-from flows.cli import main
 from tests.conftest import write_jsonl
 
 

@@ -1,7 +1,7 @@
 import pytest
 
-from ground.errors import UserInputError
 from flows.config import PipelineConfig, parse_value
+from ground.errors import UserInputError
 
 
 def test_toml_round_trip_and_overrides(tmp_path):

@@ -5,10 +5,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from ground.errors import UserInputError
 from flows import pipeline, training
 from flows.cli import main
 from flows.runners import check_reachable, parse_spec
+from ground.errors import UserInputError
 from tests.conftest import tiny_config
 
 
