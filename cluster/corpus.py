@@ -6,16 +6,11 @@ hub dataset ``hf:NAME[:CONFIG]``. Every source is opened as a memory-mapped ``da
 """
 from __future__ import annotations
 
-import codecs
 import contextlib
-import csv
-import gzip
 import hashlib
-import io
 import json
 import logging
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cluster.cleaning import decodable_copies, txt_to_jsonl
 from cluster.config import CorpusConfig
 from ground.errors import UserInputError
 from ground.files import atomic_write_text
@@ -41,13 +37,15 @@ SUPPORTED = ".jsonl(.gz), .parquet, .csv, a directory of them or of .txt files, 
 @dataclass
 class OpenedCorpus:
     """An opened source: ``dataset`` (memory-mapped `datasets.Dataset`), its ``format`` (json | csv | parquet |
-    txt | disk | hub), ``undecodable`` documents skipped for bytes that are not UTF-8, and ``id_field``, the
-    column holding the source's own ids (txt: the file's relative path; None: derive ids from content)."""
+    txt | disk | hub), ``undecodable`` documents skipped for bytes that are not UTF-8, ``id_field``, the
+    column holding the source's own ids (txt: the file's relative path; None: derive ids from content), and
+    ``malformed`` JSON lines skipped (not JSON objects)."""
 
     dataset: Any
     format: str
     undecodable: int = 0
     id_field: str | None = None
+    malformed: int = 0
 
 
 def _suffix(path: Path) -> str:
@@ -88,7 +86,8 @@ def resolve_corpus_files(path: Path) -> tuple[str, list[str]]:
 def open_corpus(path: str | Path) -> OpenedCorpus:
     """Open ``path`` (any supported source, see the module docstring) without loading it into RAM.
 
-    Documents with undecodable bytes (JSONL line, CSV record, .txt file) are skipped and counted.
+    Documents that cannot be read (undecodable bytes in a JSONL line, CSV record or .txt file; a JSON line that
+    is not an object) are skipped and counted (`cluster.cleaning`).
     """
     import datasets
 
@@ -102,20 +101,47 @@ def open_corpus(path: str | Path) -> OpenedCorpus:
     builder, files = resolve_corpus_files(path)
     if all(Path(f).stat().st_size == 0 for f in files):
         raise UserInputError(f"corpus {path} is empty: it holds no documents")
+    if builder == "parquet":
+        _check_parquet(files)
     with tempfile.TemporaryDirectory(prefix="cbtm-decode-") as tmp:
         if builder == "txt":
-            readable, undecodable = _txt_to_jsonl(files, path, Path(tmp) / "docs.jsonl")
+            readable, dropped = txt_to_jsonl(files, path, Path(tmp) / "docs.jsonl")
         else:
-            readable, undecodable = _decodable_copies(builder, files, Path(tmp))
-        if all(Path(f).stat().st_size == 0 for f in readable):
-            raise UserInputError(f"corpus {path} is empty after cleaning ({undecodable} documents with "
-                                 "undecodable bytes): re-encode it as UTF-8")
-        ds = _load_files("json" if builder == "txt" else builder, readable, path)
+            readable, dropped = decodable_copies(builder, files, Path(tmp))
+        _check_not_empty(path, readable, dropped)
+        try:
+            ds = _load_files("json" if builder == "txt" else builder, readable, path)
+        except UserInputError:
+            if builder != "json":
+                raise
+            # Some line is not JSON: read again from copies without the lines that cannot be read.
+            (Path(tmp) / "checked").mkdir()
+            readable, dropped = decodable_copies(builder, files, Path(tmp) / "checked", check_json=True)
+            _check_not_empty(path, readable, dropped)
+            ds = _load_files(builder, readable, path)
     if readable != files:
         _drop_cache(ds)
-    if undecodable:
-        log.warning("corpus %s: skipped %d document(s) with undecodable (non-UTF-8) bytes", path, undecodable)
-    return OpenedCorpus(ds, builder, undecodable, "path" if builder == "txt" else None)
+    if dropped.undecodable:
+        log.warning("corpus %s: skipped %d document(s) with undecodable (non-UTF-8) bytes", path, dropped.undecodable)
+    if dropped.malformed:
+        log.warning("corpus %s: skipped %d line(s) that are not JSON objects (first: %s)", path, dropped.malformed,
+                    ", ".join(dropped.examples))
+    return OpenedCorpus(ds, builder, dropped.undecodable, "path" if builder == "txt" else None, dropped.malformed)
+
+
+def _check_not_empty(path: Path, readable: list[str], dropped) -> None:
+    if all(Path(f).stat().st_size == 0 for f in readable):
+        raise UserInputError(f"corpus {path} is empty after cleaning ({dropped.undecodable} documents with "
+                             f"undecodable bytes, {dropped.malformed} malformed lines): re-encode it as UTF-8 JSON")
+
+
+def _check_parquet(files: list[str]) -> None:
+    for name in files:
+        try:
+            pq.read_schema(name)
+        except Exception as exc:  # pyarrow raises ArrowInvalid, OSError... for a file that is not Parquet
+            raise UserInputError(f"corpus file {name} is not a readable Parquet file ({_first_line(exc)}): "
+                                 "re-export it, or give it the suffix of its real format") from exc
 
 
 def load_corpus(path: str | Path):
@@ -126,10 +152,18 @@ def load_corpus(path: str | Path):
 def _load_files(builder: str, files: list[str], where: Path):
     import datasets
 
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)  # datasets logs a failed file itself, twice: we say it once
     try:
         return datasets.load_dataset(builder, data_files=files, split="train")
     except Exception as exc:  # datasets raises many types for unreadable files
-        raise UserInputError(f"corpus {where} could not be read as {builder}: {_first_line(exc)}") from exc
+        cause = exc.__cause__ or exc.__context__ or exc
+        if isinstance(cause, UserInputError):
+            raise cause from exc
+        raise UserInputError(f"corpus {where} could not be read as {builder}: {_first_line(cause)}") from exc
+    finally:
+        logger.setLevel(level)
 
 
 def _drop_cache(ds) -> None:
@@ -189,87 +223,6 @@ def _first_line(exc: BaseException) -> str:
     return (lines[0] if lines else type(exc).__name__)[:300]
 
 
-# ---------------------------------------------------------------------------------------------- undecodable bytes
-def _open_bytes(path: Path):
-    return gzip.open(path, "rb") if str(path).lower().endswith(".gz") else open(path, "rb")
-
-
-def _is_utf8(path: Path) -> bool:
-    """Stream the (decompressed) bytes through a UTF-8 decoder: O(1) memory."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    try:
-        with _open_bytes(path) as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                decoder.decode(chunk)
-        decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
-def _decodable_copies(builder: str, files: list[str], tmp: Path) -> tuple[list[str], int]:
-    """Files as they are when they decode; otherwise a copy in ``tmp`` without the undecodable documents.
-
-    Returns (files to read, number of documents dropped).
-    """
-    out, dropped = [], 0
-    for i, name in enumerate(files):
-        if builder == "parquet" or _is_utf8(Path(name)):
-            out.append(name)
-            continue
-        dst = tmp / f"{i:05d}.{'jsonl' if builder == 'json' else 'csv'}"
-        dropped += (_clean_jsonl if builder == "json" else _clean_csv)(Path(name), dst)
-        out.append(str(dst))
-    return out, dropped
-
-
-def _clean_jsonl(src: Path, dst: Path) -> int:
-    dropped = 0
-    with _open_bytes(src) as fin, open(dst, "wb") as fout:
-        for line in fin:
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError:
-                dropped += 1
-                continue
-            fout.write(line)
-    return dropped
-
-
-def _clean_csv(src: Path, dst: Path) -> int:
-    """Copy CSV records whose fields all decode (quoted newlines are handled by the csv module)."""
-    csv.field_size_limit(max(csv.field_size_limit(), min(sys.maxsize, 2**31 - 1)))
-    dropped = 0
-    with _open_bytes(src) as raw, open(dst, "w", encoding="utf-8", newline="") as fout:
-        reader = csv.reader(io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline=""))
-        writer = csv.writer(fout)
-        for n, row in enumerate(reader):
-            try:
-                "\x1f".join(row).encode("utf-8")
-            except UnicodeEncodeError:
-                if n == 0:
-                    raise UserInputError(f"corpus {src}: its CSV header is not UTF-8: re-encode the file as UTF-8")
-                dropped += 1
-                continue
-            writer.writerow(row)
-    return dropped
-
-
-def _txt_to_jsonl(files: list[str], root: Path, dst: Path) -> tuple[list[str], int]:
-    """One JSON line {"path": relative path, "text": contents} per decodable .txt file."""
-    dropped = 0
-    with open(dst, "w", encoding="utf-8") as out:
-        for name in files:
-            try:
-                text = Path(name).read_bytes().decode("utf-8-sig")
-            except UnicodeDecodeError:
-                dropped += 1
-                continue
-            rel = Path(name).relative_to(root).as_posix()
-            out.write(json.dumps({"path": rel, "text": text}, ensure_ascii=False) + "\n")
-    return [str(dst)], dropped
-
-
 def document_id(text: str) -> str:
     """Stable id derived from content (the same text always gets the same id)."""
     return "doc-" + hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
@@ -289,8 +242,27 @@ def check_corpus(cfg: CorpusConfig, min_documents: int = 1):
     return _check(cfg, min_documents).dataset
 
 
+_OPENED: dict[tuple, OpenedCorpus] = {}  # the last corpus opened in this process, by path, size and mtime
+
+
+def _open_once(spec: str) -> OpenedCorpus:
+    """`open_corpus`, reused when the same unchanged source was opened last (the CLI's early check and the
+    ingest stage then read, clean and warn once)."""
+    path = Path(spec)
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    key = (spec, *((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file())) \
+        if not spec.startswith("hf:") else None
+    if key is None or key not in _OPENED:
+        opened = open_corpus(spec)
+        if key is None:
+            return opened
+        _OPENED.clear()
+        _OPENED[key] = opened
+    return _OPENED[key]
+
+
 def _check(cfg: CorpusConfig, min_documents: int = 1) -> OpenedCorpus:
-    opened = open_corpus(cfg.path)
+    opened = _open_once(cfg.path)
     ds = opened.dataset
     if len(ds) == 0:
         raise UserInputError(f"corpus {cfg.path} is empty: it holds no documents")
@@ -316,7 +288,8 @@ def ingest_corpus(cfg: CorpusConfig, out_path: Path) -> Path:
     ds, id_field = opened.dataset, cfg.id_field or opened.id_field
     extras = [c for c in ds.column_names if c not in (cfg.text_field, id_field) and c not in RESERVED
               and str(ds.features[c].dtype) in ("string", "large_string", "int64", "int32", "bool")]
-    counts = {"read": opened.undecodable, "undecodable": opened.undecodable, "not_text": 0, "too_short": 0,
+    counts = {"read": opened.undecodable + opened.malformed, "undecodable": opened.undecodable,
+              "malformed": opened.malformed, "not_text": 0, "too_short": 0,
               "truncated": 0, "duplicate": 0, "kept": 0, "heldout": 0}
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -389,7 +362,8 @@ def _clean_batch(cfg: CorpusConfig, id_field: str | None, batch: dict, extras: l
 
 
 def _describe(counts: dict) -> str:
-    return (f"{counts['read']} read, {counts.get('undecodable', 0)} undecodable, {counts['not_text']} not text, "
+    return (f"{counts['read']} read, {counts.get('undecodable', 0)} undecodable, {counts.get('malformed', 0)} "
+            f"malformed, {counts['not_text']} not text, "
             f"{counts['too_short']} too short, "
             f"{counts['duplicate']} duplicates, {counts['truncated']} truncated -> {counts['kept']} kept "
             f"({counts['kept'] - counts['heldout']} train / {counts['heldout']} held-out)")

@@ -295,7 +295,8 @@ class Ensemble:
         view = self._view
         cols = np.asarray(columns if columns is not None else view.active, dtype=np.int64)
         encoded = [self.encode(t) for t in texts]
-        contexts, owners = window_contexts(encoded, view.config.route_window, self.tokenizer.decode)
+        contexts, owners = window_contexts(encoded, view.config.route_window,
+                                           lambda ids: self.engine.decode(ids, skip_special_tokens=False))
         if vectors is None or len(vectors) != len(contexts):
             vectors = view.router.vectors(contexts) if contexts else None
         return ScoringPlan(self, view, encoded, owners, vectors, cols)

@@ -141,16 +141,14 @@ class Batch:
                 row.lane_probs[expert] = p
 
     def _advance(self, row: Row) -> StepEvent:
-        tok = self.engine.tokenizer
         token = pick_token(row.mixture(), row.sampling, row.generator)
-        if token == tok.eos_token_id:
+        if token == self.engine.tokenizer.eos_token_id:
             row.finish = "stop"
             self._drop(row)
             return StepEvent(row, None, "stop")
         row.produced.append(token)
         row.ids.append(token)
-        if row.sampling.stop and any(s in tok.decode(row.produced[-STOP_WINDOW:], skip_special_tokens=True)
-                                     for s in row.sampling.stop):
+        if row.sampling.stop and any(s in self.engine.decode(row.produced[-STOP_WINDOW:]) for s in row.sampling.stop):
             row.finish = "stop"  # the caller cuts the text at the stop string
         elif len(row.produced) >= row.max_new_tokens:
             row.finish = "length"
@@ -165,8 +163,7 @@ class Batch:
 
     def _reroute(self, rows: list[Row]) -> set[tuple[int, int]]:
         """New weights for ``rows`` from their context so far; returns the (row, expert) lanes opened now."""
-        tok = self.engine.tokenizer
-        texts = [r.prompt + tok.decode(r.produced, skip_special_tokens=True) for r in rows]
+        texts = [r.prompt + self.engine.decode(r.produced) for r in rows]
         entering = []
         for row, route in zip(rows, self.engine.route(texts, [r.route_spec for r in rows])):
             leaving = [e for e in row.lanes if e not in route]
@@ -214,6 +211,10 @@ class Engine:
         with self.tokenizer_lock:  # fast tokenizers are not safe to call from several threads at once
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        with self.tokenizer_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
     def check_fits(self, n_prompt: int, max_new_tokens: int, index: int | None = None) -> None:
         """ValueError when a prompt of ``n_prompt`` tokens cannot take ``max_new_tokens`` more in the context
         (one position holds the leading end-of-text token)."""
@@ -232,4 +233,4 @@ class Engine:
 
     def text(self, row: Row) -> str:
         """The row's completion so far, cut at its first stop string."""
-        return cut_at_stop(self.tokenizer.decode(row.produced, skip_special_tokens=True), row.sampling.stop)[0]
+        return cut_at_stop(self.decode(row.produced), row.sampling.stop)[0]

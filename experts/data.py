@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from ground.files import hash_path
 log = logging.getLogger(__name__)
 
 ROWS_PER_CHUNK = 4096
+PIECE_CHARS = 100_000  # a longer document is tokenized in pieces of at most this many characters
+_BEFORE_WORD = re.compile(r"\S\s")  # read backwards: a whitespace character followed by a word character
 
 
 def default_cache_dir() -> Path:
@@ -77,8 +80,43 @@ def tokenize_corpus(tokenizer, corpus_path: Path, cache_dir: Path | None = None)
 
 def _encode(batch: dict, tokenizer) -> dict:
     eos = tokenizer.eos_token_id
-    ids = [doc + [eos] for doc in tokenizer(batch["text"], add_special_tokens=False)["input_ids"]]
+    texts = batch["text"]
+    short = [i for i, t in enumerate(texts) if len(t) <= PIECE_CHARS]
+    ids: list = [None] * len(texts)
+    if short:
+        for i, doc in zip(short, tokenizer([texts[i] for i in short], add_special_tokens=False,
+                                           return_attention_mask=False)["input_ids"]):
+            ids[i] = np.asarray(doc + [eos], dtype=np.int32)
+    for i in (i for i, t in enumerate(texts) if len(t) > PIECE_CHARS):
+        ids[i] = _encode_long(tokenizer, texts[i], eos)
     return {"id": batch["id"], "split": batch["split"], "input_ids": ids, "n": [len(d) for d in ids]}
+
+
+def pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
+    """``text`` cut into pieces of at most ``size`` characters, each cut just before the whitespace character
+    that precedes a word (a byte-level BPE tokenizes such pieces exactly as the whole); a stretch without such a
+    place is cut at ``size``."""
+    out, start = [], 0
+    while len(text) - start > size:
+        window = text[start:start + size]
+        hit = next((m.start() for m in _BEFORE_WORD.finditer(window[::-1])), None)
+        cut = None if hit is None else len(window) - 2 - hit  # index of that whitespace character
+        end = start + (cut if cut else size)
+        out.append(text[start:end])
+        start = end
+    return out + [text[start:]]
+
+
+def _encode_long(tokenizer, text: str, eos: int) -> np.ndarray:
+    """Token ids (int32, eos last) of a long text, tokenized piece by piece so that memory stays bounded (a fast
+    tokenizer's encodings cost about 100 bytes per token)."""
+    parts = []
+    chunks = pieces(text)
+    for lo in range(0, len(chunks), 16):
+        for doc in tokenizer(chunks[lo:lo + 16], add_special_tokens=False, return_attention_mask=False)["input_ids"]:
+            parts.append(np.asarray(doc, dtype=np.int32))
+    parts.append(np.array([eos], dtype=np.int32))
+    return np.concatenate(parts)
 
 
 def wanted_ids(assignments_path: Path, split: str, cluster_id: int | None) -> pa.Array | None:

@@ -26,7 +26,7 @@ from experts.models import load_causal_lm, read_vocab_size
 from experts.tokenizer import open_tokenizer
 from ground.device import autocast_dtype, resolve_device
 from ground.errors import UserInputError
-from ground.files import atomic_dir, hash_json, hash_path
+from ground.files import atomic_dir, check_writable, hash_json, hash_path
 from ground.plots import figure, save_figure
 from ground.progress import progress
 from ground.rundir import hashed_settings
@@ -78,6 +78,9 @@ def train_expert(cfg: TrainConfig, seed_dir: Path, corpus_path: Path, assignment
                 "val_loss": None, "seconds": 0.0}
     if init_dir is not None:
         _check_same_vocab(Path(init_dir), Path(seed_dir))
+    check_writable(Path(out_dir).parent, f"expert {cluster_id}")  # before hours of training, not after
+    if checkpoint_dir is not None and cfg.checkpoint_every:
+        check_writable(Path(checkpoint_dir), f"the checkpoints of expert {cluster_id}")
     summary = run_training(cfg, Path(init_dir or seed_dir), tokenizer, train, val, out_dir, device=device,
                            name=f"expert {cluster_id}", key=(cfg.seed, cluster_id + 1),
                            checkpoint_dir=checkpoint_dir, show_progress=show_progress, on_step=on_step,

@@ -7,12 +7,13 @@ from pathlib import Path
 
 from cluster.choose_k import choose_k
 from cluster.corpus import check_corpus
+from flows.api_server import api_server
 from flows.baselines import parse_baselines
 from flows.cli_args import AUTO_K
 from flows.config import PipelineConfig
 from flows.evaluation import evaluate
 from flows.pipeline import build, retrain
-from flows.runners import shared_api_server, task_runner
+from flows.runners import task_runner
 from flows.training import default_corpus
 from ground.device import resolve_device
 from ground.errors import UserInputError
@@ -65,7 +66,7 @@ def cmd_run(args) -> int:
     existed = out.exists()
     fresh = not existed or not any(out.iterdir())
     try:
-        with shared_api_server(args.runner):
+        with api_server():
             summary = build.with_options(task_runner=runner)(cfg.to_dict(), str(out), args.until, args.force,
                                                              args.runner)
     except UserInputError:
@@ -113,7 +114,7 @@ def print_summary(summary: dict) -> None:
 
 def cmd_retrain(args) -> int:
     runner = task_runner(args.runner)
-    with shared_api_server(args.runner):
+    with api_server():
         summary = retrain.with_options(task_runner=runner)(str(args.run_dir), sorted(set(args.cluster)), args.runner,
                                                            args.from_current)
     print_summary(summary)
@@ -125,7 +126,7 @@ def cmd_eval(args) -> int:
     if args.limit is not None and args.limit < 1:
         raise UserInputError(f"--limit must be >= 1, got {args.limit}")
     runner = task_runner(args.runner)
-    with shared_api_server(args.runner):
+    with api_server():
         results = evaluate.with_options(task_runner=runner)(str(args.run_dir), args.top_k, args.corpus,
                                                             args.text_field, args.limit, baselines, args.runner)
     print(f"Held-out perplexity over {results['n_texts']} documents (own cluster in brackets for experts):")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import socket
 from typing import Iterator
 from urllib.parse import urlparse
@@ -95,45 +94,3 @@ def expert_task_options(spec: str) -> Iterator[None]:
             yield
     else:
         yield
-
-
-@contextlib.contextmanager
-def shared_api_server(spec: str) -> Iterator[None]:
-    """For runners that start worker processes, one Prefect API server whose URL the workers inherit.
-
-    Without it every worker process would start its own temporary server (seconds and ~150 MB each). A server
-    already configured (PREFECT_API_URL from the environment, a profile or a test harness) is shared as is;
-    otherwise one is started on a free port and stopped afterwards. Nothing happens for the thread runner.
-    """
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    if parse_spec(spec)[0] == "thread":
-        yield
-        return
-    server, url = None, PREFECT_API_URL.value()
-    if not url:
-        from prefect.server.api.server import SubprocessASGIServer
-
-        # Servers are per-port singletons: an explicit free port makes this one ours to stop.
-        server = SubprocessASGIServer(port=_free_port())
-        server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")))
-        url = server.api_url
-        log.info("prefect API server for the %s workers: %s", spec, url)
-    previous = os.environ.get("PREFECT_API_URL")
-    os.environ["PREFECT_API_URL"] = url
-    try:
-        with temporary_settings({PREFECT_API_URL: url}):
-            yield
-    finally:
-        if previous is None:
-            os.environ.pop("PREFECT_API_URL", None)
-        else:
-            os.environ["PREFECT_API_URL"] = previous
-        if server is not None:
-            server.stop()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -22,7 +22,7 @@ from flows.runners import expert_task_options, is_remote
 from flows.stages import expert_is_current, record_expert, stage_inputs
 from ground.device import resolve_device
 from ground.errors import UserInputError
-from ground.files import hash_json
+from ground.files import hash_json, user_fixable
 from ground.rundir import Manifest, RunDir
 
 log = logging.getLogger("cbtm")
@@ -34,8 +34,8 @@ def retry_unless_user_error(task, task_run, state) -> bool:
         state.result()
     except UserInputError:
         return False
-    except Exception:
-        return True
+    except Exception as exc:
+        return not user_fixable(exc)
     return True
 
 
@@ -63,6 +63,9 @@ def run_expert_tasks(jobs: dict[int, dict], runner: str, device: str, retries: i
         except UserInputError:
             raise
         except Exception as exc:  # keep every other expert; name the failed ones at the end
+            if user_fixable(exc):  # permissions, a full disk: retrying cannot help, the user must act
+                raise UserInputError(f"expert {cid}: {exc.strerror}: {exc.filename}: fix it, then run the same "
+                                     "command again") from exc
             failed[cid] = f"{type(exc).__name__}: {exc}"
         done += 1
         update_progress_artifact(artifact, 100.0 * done / len(jobs))

@@ -8,6 +8,7 @@ cbtm never deletes a file it did not write, nor the temporary of a cbtm process 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -17,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
+
+from ground.errors import UserInputError
 
 _OURS = re.compile(r"^\..+\.cbtm-(tmp|old)-(\d+)-[^/]*$")
 
@@ -156,3 +159,26 @@ def model_files(model_dir: Path) -> dict[str, dict]:
                    and (p.name in MODEL_JSON or p.name.endswith(MODEL_FILE_SUFFIXES)))
     return {name: {"size": (model_dir / name).stat().st_size, "sha256": file_sha256(model_dir / name)}
             for name in names}
+
+
+_USER_FIXABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+
+
+def user_fixable(exc: BaseException) -> bool:
+    """True for an OSError that retrying cannot fix (permissions, a read-only or full file system)."""
+    return isinstance(exc, OSError) and exc.errno in _USER_FIXABLE
+
+
+def check_writable(directory: Path, what: str) -> None:
+    """Raise UserInputError (one line) unless a file can be created in ``directory`` (created if missing)."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=temp_prefix(directory / "probe"), dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        if not user_fixable(exc):
+            raise
+        raise UserInputError(f"cannot write {what} in {directory} ({exc.strerror}): fix its permissions or free "
+                             "space, then run the same command again") from exc

@@ -159,7 +159,7 @@ def test_more_bad_input_is_one_clear_error(tmp_path, case):
     out = tmp_path / "out" / "docs.parquet"
     with pytest.raises(UserInputError) as err:
         ingest_corpus(CorpusConfig(path=str(path), **cfg), out)
-    expected = {"only_undecodable": "empty after cleaning (1 documents with undecodable bytes)",
+    expected = {"only_undecodable": "empty after cleaning (1 documents with undecodable bytes, 0 malformed",
                 "single_txt": "pass the directory of .txt files",
                 "no_id_field": "no id field 'uid'; its fields are text, key"}[case]
     assert expected in str(err.value) and "\n" not in str(err.value)

@@ -86,10 +86,11 @@ def test_a_run_directory_from_another_corpus_is_refused(built_run, tmp_path, cap
 @pytest.mark.slow
 def test_ray_builds_the_same_clusters_and_experts_as_threads(built_run, slice_corpus, tmp_path):
     pytest.importorskip("prefect_ray")
-    from flows.runners import shared_api_server, task_runner
+    from flows.api_server import api_server
+    from flows.runners import task_runner
 
     run_dir = tmp_path / "ray-run"
-    with shared_api_server("ray"):
+    with api_server():
         pipeline.build.with_options(task_runner=task_runner("ray"))(
             tiny_config(slice_corpus).to_dict(), str(run_dir), "assemble", None, "ray")
     for name in ("cluster_id", "train_cluster_id"):
