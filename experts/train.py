@@ -24,6 +24,7 @@ from experts.config import TrainConfig
 from experts.data import BlockSampler, gather, token_stream, tokenize_corpus
 from experts.models import load_causal_lm, read_vocab_size
 from experts.tokenizer import open_tokenizer
+from ground import faults
 from ground.device import autocast_dtype, resolve_device
 from ground.errors import UserInputError
 from ground.files import atomic_dir, check_writable, hash_json, hash_path
@@ -191,6 +192,7 @@ def _train_loop(cfg: TrainConfig, model, train_tokens, val_tokens, *, name, key,
         if store is not None and (state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps):
             _checkpoint(store, model, optimizer, scheduler, sampler, state, float(window), clock, name)
         bar.update(1)
+        faults.point(f"step:{name}")
         if on_step is not None:
             on_step(state.step)
     bar.close()

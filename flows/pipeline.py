@@ -236,8 +236,27 @@ def retrain(run_dir: str, cluster_ids: list[int], runner: str = "thread", from_c
                                  "retrain them without --continue")
     with run.writing("retrain"):
         clean_stale_temporaries(run.root)
-        train_experts(cfg, run, manifest, list(cluster_ids), force=True, keep_done=True, runner=runner,
-                      from_current=from_current)
+        todo = _retrain_job(run, manifest, sorted(set(cluster_ids)), from_current)
+        train_experts(cfg, run, manifest, todo, force=True, keep_done=True, runner=runner,
+                      from_current=from_current, job="retrain")
+        manifest.jobs.pop("retrain", None)
         if "assemble" in manifest.stages:
             _assemble(cfg, run, manifest)
+        else:
+            run.write_manifest(manifest)
     return summarize(run)
+
+
+def _retrain_job(run: RunDir, manifest: Manifest, cluster_ids: list[int], from_current: bool) -> list[int]:
+    """The experts this retrain still has to train: all of them, or, when the same retrain was interrupted,
+    those it had not finished (a retrained expert is never retrained twice, nor continued twice)."""
+    job = {"clusters": cluster_ids, "from_current": from_current}
+    pending = manifest.jobs.get("retrain") or {}
+    if {k: pending.get(k) for k in job} == job:
+        done = set(pending.get("done", []))
+        if done:
+            log.info("  retrain   resuming: expert(s) %s were already retrained by this command", sorted(done))
+        return [c for c in cluster_ids if c not in done]
+    manifest.jobs["retrain"] = {**job, "done": []}
+    run.write_manifest(manifest)
+    return cluster_ids

@@ -93,12 +93,14 @@ def run_stage(run: RunDir, manifest: Manifest, stage: str, inputs: str, work: Ca
 EXPERT_KEYS = ("steps", "tokens", "train_loss", "val_loss", "seconds", "device", "tokens_per_s", "resumed_from")
 
 
-def record_expert(run: RunDir, manifest: Manifest, cluster_id: int, inputs: str, summary: dict) -> None:
+def record_expert(run: RunDir, manifest: Manifest, cluster_id: int, inputs: str, summary: dict,
+                  job: str | None = None) -> None:
     """Enter a trained (or skipped) expert in the manifest's cluster id -> expert table, and persist it.
 
     Called the moment the expert is complete, so a killed run keeps it. The entry holds the content hash of
     the expert directory and the size and sha256 of its model files (checked when an `Ensemble` loads it).
     A skipped expert (its cluster had too few tokens for one block) has no files; routing excludes it.
+    ``job``: the manifest job (e.g. "retrain") that this expert completes a part of, in the same write.
     """
     skipped = bool(summary.get("skipped"))
     expert_dir = run.expert_dir(cluster_id)
@@ -109,5 +111,7 @@ def record_expert(run: RunDir, manifest: Manifest, cluster_id: int, inputs: str,
         **{k: summary.get(k) for k in EXPERT_KEYS}}
     if skipped:
         shutil.rmtree(expert_dir, ignore_errors=True)  # an older expert must not be served
+    if job and job in manifest.jobs:
+        manifest.jobs[job]["done"] = sorted({*manifest.jobs[job]["done"], int(cluster_id)})
     run.write_manifest(manifest)
-    faults.point(f"expert:{cluster_id}")
+    faults.point(f"expert:{run.root.name}:{cluster_id}")

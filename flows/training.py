@@ -20,6 +20,7 @@ from experts.train import train_expert
 from flows.config import PipelineConfig
 from flows.runners import expert_task_options, is_remote
 from flows.stages import expert_is_current, record_expert, stage_inputs
+from ground import faults
 from ground.device import resolve_device
 from ground.errors import UserInputError
 from ground.files import hash_json, user_fixable
@@ -88,11 +89,13 @@ def run_expert_tasks(jobs: dict[int, dict], runner: str, device: str, retries: i
 
 
 def train_experts(cfg: PipelineConfig, run: RunDir, manifest: Manifest, cluster_ids: list[int], force: bool,
-                  keep_done: bool = False, runner: str = "thread", from_current: bool = False) -> list[int]:
+                  keep_done: bool = False, runner: str = "thread", from_current: bool = False,
+                  job: str | None = None) -> list[int]:
     """Train the experts of ``cluster_ids`` that are not current; returns the ids that were trained.
 
     Steps come from the token budget (split over all clusters); ``keep_done``: the run stays usable meanwhile
-    (retrain swaps complete experts one by one); ``from_current``: continue from the current experts.
+    (retrain swaps complete experts one by one); ``from_current``: continue from the current experts; ``job``:
+    the manifest job each finished expert is marked done in.
     """
     branch = run.branch_dir(bool(cfg.seed.pretrain_tokens))
     counts = cluster_token_counts(branch, run.corpus_path, run.assignments_path, cfg.cluster.n_clusters,
@@ -114,11 +117,12 @@ def train_experts(cfg: PipelineConfig, run: RunDir, manifest: Manifest, cluster_
     def on_done(cid: int, summary: dict) -> None:
         if summary.get("skipped"):
             log.warning("  expert %d skipped: %s; routing excludes it", cid, summary.get("reason"))
-        record_expert(run, manifest, cid, todo[cid], summary)
+        record_expert(run, manifest, cid, todo[cid], summary, job=job)
 
     run_expert_tasks(jobs, runner, cfg.train.device, cfg.train.retries, on_done, f"experts of {run.root}")
     run.record_stage(manifest, "train", stage_inputs(cfg, manifest, "train"),
                      hash_json({cid: e.get("hash") for cid, e in sorted(manifest.experts.items())}))
+    faults.point("stage:train")
     with contextlib.suppress(OSError):
         run.checkpoints_root.rmdir()  # only when empty: checkpoints of failed experts are kept
     return list(todo)

@@ -1,0 +1,150 @@
+"""kill -9 at every moment where work becomes durable; the same command then finishes without redoing it.
+
+Each kill is a real SIGKILL of a real `cbtm` subprocess, sent by the process itself at a named point
+(`ground.faults`), so that the moment is exact rather than guessed. After each kill the finished artifacts are
+compared by inode and mtime, not only bytes: training is deterministic, so rewritten files would be equal.
+"""
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from ensemble import Ensemble
+from ground.rundir import RunDir
+from tests.trust.conftest import cbtm, snapshot
+
+pytestmark = pytest.mark.faults
+
+KILLED = -signal.SIGKILL
+BUILD_POINTS = ["stage:ingest", "stage:embed", "stage:cluster", "stage:tokenizer", "stage:seed",
+                "expert:run:0", "step:expert 1@12", "stage:train", "stage:assemble"]
+
+
+def finished(run: RunDir) -> list[str]:
+    """The artifacts the manifest says are finished (stage outputs and recorded experts)."""
+    if not run.exists():
+        return []
+    manifest = run.read_manifest()
+    out = [run.stage_output(s).relative_to(run.root).as_posix() for s in manifest.stages
+           if s not in ("train",) and run.stage_output(s).exists()]
+    return out + [e["path"] for e in manifest.experts.values() if not e.get("skipped")]
+
+
+@pytest.fixture(scope="module")
+def killed_build(cli_env, fast_config, tmp_path_factory):
+    """A build killed at every point in turn, each run resuming the previous one, then finished."""
+    run = RunDir(tmp_path_factory.mktemp("kill") / "run")
+    args = ["run", "--config", str(fast_config), "--out", str(run.root)]
+    history = []
+    for point in BUILD_POINTS:
+        before = snapshot(run.root, tuple(finished(run)))
+        result = cbtm(args, cli_env, fault=point)
+        assert result.returncode == KILLED, (point, result.stderr[-2000:])
+        history.append((point, before, snapshot(run.root, tuple(before))))
+    before = snapshot(run.root, tuple(finished(run)))
+    result = cbtm(args, cli_env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    history.append(("finish", before, snapshot(run.root, tuple(before))))
+    return run, history
+
+
+def test_after_every_kill_the_finished_artifacts_are_never_rewritten(killed_build):
+    run, history = killed_build
+    for point, before, after in history:
+        assert after == before, f"after the kill at {point}, finished artifacts were rewritten"
+    assert {p for p, _, _ in history} == {*BUILD_POINTS, "finish"}
+    assert any("experts/0/model.safetensors" in before for _, before, _ in history[6:])  # expert 0 kept
+
+
+def test_the_killed_build_finishes_and_answers(killed_build):
+    run, _ = killed_build
+    assert run.done_path.exists()
+    manifest = run.read_manifest()
+    assert set(manifest.experts) == {"0", "1", "2"} and not manifest.jobs
+    assert manifest.experts["1"]["resumed_from"] == 10  # killed at step 12, resumed from its step-10 checkpoint
+    assert not run.checkpoints_root.exists()
+    ens = Ensemble.load(run.root)
+    assert isinstance(ens.generate("Bread dough should rise", max_new_tokens=4), str)
+
+
+def test_a_killed_retrain_retrains_only_what_it_had_not_finished(killed_build, cli_env, tmp_path):
+    import shutil
+
+    run = RunDir(shutil.copytree(killed_build[0].root, tmp_path / "run"))
+    args = ["retrain", str(run.root), "--cluster", "0", "--cluster", "2"]
+    assert cbtm(args, cli_env, fault="expert:run:0").returncode == KILLED
+    assert run.read_manifest().jobs["retrain"] == {"clusters": [0, 2], "from_current": False, "done": [0]}
+    kept, other = snapshot(run.root, ("experts/0",)), snapshot(run.root, ("experts/1", "experts/2"))
+    assert cbtm(args, cli_env, fault="step:expert 2@7").returncode == KILLED  # killed again, mid-expert 2
+    result = cbtm(args, cli_env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert snapshot(run.root, ("experts/0",)) == kept  # retrained once, not twice
+    assert snapshot(run.root, ("experts/1",)) == {k: v for k, v in other.items() if k.startswith("experts/1/")}
+    assert snapshot(run.root, ("experts/2",)) != {k: v for k, v in other.items() if k.startswith("experts/2/")}
+    manifest = run.read_manifest()
+    assert not manifest.jobs and manifest.experts["2"]["resumed_from"] == 5
+    assert Ensemble.load(run.root).generate("The telescope", max_new_tokens=3, experts=[2])
+
+
+def test_a_killed_evaluation_keeps_the_baseline_experts_it_trained(killed_build, cli_env, tmp_path):
+    import shutil
+
+    run = RunDir(shutil.copytree(killed_build[0].root, tmp_path / "run"))
+    args = ["eval", str(run.root), "--baselines", "dense,random", "--limit", "3"]
+    assert cbtm(args, cli_env, fault="expert:dense:0").returncode == KILLED
+    dense = snapshot(run.root, ("baselines/dense/experts",))
+    assert dense and not run.results_path.exists()
+    result = cbtm(args, cli_env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert snapshot(run.root, ("baselines/dense/experts",)) == dense
+    assert {"dense", "random top-1", "top-1"} <= set(json.loads(run.results_path.read_text())["systems"])
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    out = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                stat = (proc / "stat").read_text()
+                ppid = int(stat.rsplit(")", 1)[1].split()[1])
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == pid:
+                out.append((int(proc.name), cmd))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_the_prefect_server_of_a_killed_run_dies_with_it(fast_config, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}  # the command starts its own
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "flows.cli", "run", "--config", str(fast_config), "--out", str(tmp_path / "run"),
+           "--set", "train.steps=100000"]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, server = time.time() + 120, None
+        while time.time() < deadline and server is None:
+            server = next((pid for pid, c in _children(proc.pid) if "uvicorn" in c), None)
+            time.sleep(0.2)
+        assert server is not None, "no Prefect API server child appeared"
+        while not (tmp_path / "run" / "manifest.json").exists() and time.time() < deadline:
+            time.sleep(0.2)  # the server is in use
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.time() + 15
+        while Path(f"/proc/{server}").exists() and time.time() < deadline:
+            time.sleep(0.1)
+        alive = Path(f"/proc/{server}").exists() and "Z" not in (Path(f"/proc/{server}/stat").read_text().split()[2])
+        assert not alive, f"the Prefect server (pid {server}) outlived its killed parent"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
