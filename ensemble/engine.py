@@ -44,11 +44,13 @@ class Row:
     reroute_every: int | None = None
     produced: list[int] = field(default_factory=list)
     weights: dict[int, float] = field(default_factory=dict)
+    routed: dict[int, float] = field(default_factory=dict)  # the weights the row started with
     lanes: dict[int, int] = field(default_factory=dict)
     lane_probs: dict[int, object] = field(default_factory=dict)  # float32 [vocab] next-token probs per expert
     finish: str | None = None
     generator: object = None
     tag: object = None  # the caller's handle (a server request)
+    logprobs: int | None = None  # report the chosen token's log-probability and this many alternatives
 
     def mixture(self):
         """The routing-weighted sum of the lanes' next-token probabilities, float32 [vocab]; summed in cluster_id
@@ -65,6 +67,22 @@ class StepEvent:
     row: Row
     token: int | None  # None when the row ended without a new token (eos)
     finish: str | None
+    logprob: float | None = None  # log of the mixture's probability of the token (rows with logprobs set)
+    top: list | None = None       # [(token, logprob)] of the mixture's most likely tokens (logprobs > 0)
+
+
+def _logprobs(mixture, token: int, n: int | None):
+    """(log p(token), [(token, log p)] of the ``n`` most likely) under the mixture; (None, None) if not asked."""
+    import torch
+
+    if n is None:
+        return None, None
+    logp = torch.log(mixture.clamp_min(1e-30))
+    top = None
+    if n > 0:
+        values, ids = torch.topk(logp, n)
+        top = [(int(i), float(v)) for i, v in zip(ids, values)]
+    return float(logp[token]), top
 
 
 class Batch:
@@ -78,12 +96,13 @@ class Batch:
         self._new: list[Row] = []
 
     def add(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling, route_spec=None,
-            reroute_every: int | None = None, prompt: str = "", tag=None, row_index: int = 0) -> Row:
+            reroute_every: int | None = None, prompt: str = "", tag=None, row_index: int = 0,
+            logprobs: int | None = None) -> Row:
         """Queue a row; it is routed and prefilled at the next `step`. ``prompt_ids`` exclude the leading eos;
         ``row_index`` offsets the sampling seed (prompt i of a call samples with seed + i)."""
         eos = self.engine.tokenizer.eos_token_id
         row = Row(prompt, [eos, *prompt_ids], int(max_new_tokens), sampling, route_spec, reroute_every,
-                  generator=sampling.generator(row_index), tag=tag)
+                  generator=sampling.generator(row_index), tag=tag, logprobs=logprobs)
         self._new.append(row)
         return row
 
@@ -122,7 +141,7 @@ class Batch:
             return
         routes = self.engine.route([r.prompt for r in new], [r.route_spec for r in new])
         for row, route in zip(new, routes):
-            row.weights = dict(sorted(route.items()))
+            row.weights = row.routed = dict(sorted(route.items()))
         self._open([(row, e) for row in new for e in row.weights])
         self.rows.extend(new)
 
@@ -141,11 +160,13 @@ class Batch:
                 row.lane_probs[expert] = p
 
     def _advance(self, row: Row) -> StepEvent:
-        token = pick_token(row.mixture(), row.sampling, row.generator)
+        mixture = row.mixture()
+        token = pick_token(mixture, row.sampling, row.generator)
+        logprob, top = _logprobs(mixture, token, row.logprobs)
         if token == self.engine.tokenizer.eos_token_id:
             row.finish = "stop"
             self._drop(row)
-            return StepEvent(row, None, "stop")
+            return StepEvent(row, None, "stop", logprob, top)
         row.produced.append(token)
         row.ids.append(token)
         if row.sampling.stop and any(s in self.engine.decode(row.produced[-STOP_WINDOW:]) for s in row.sampling.stop):
@@ -154,7 +175,7 @@ class Batch:
             row.finish = "length"
         if row.finish:
             self._drop(row)
-        return StepEvent(row, token, row.finish)
+        return StepEvent(row, token, row.finish, logprob, top)
 
     def _drop(self, row: Row) -> None:
         if row.lanes:

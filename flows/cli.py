@@ -19,7 +19,8 @@ PACKAGE_LOGGERS = ("cbtm", "cluster", "experts", "ensemble", "flows", "ground")
 COMMANDS = {"run": ("flows.commands", "cmd_run"), "retrain": ("flows.commands", "cmd_retrain"),
             "eval": ("flows.commands", "cmd_eval"), "clusters": ("flows.commands", "cmd_clusters"),
             "query": ("flows.query_commands", "cmd_query"),
-            "tune-temperature": ("flows.query_commands", "cmd_tune_temperature")}
+            "tune-temperature": ("flows.query_commands", "cmd_tune_temperature"),
+            "serve": ("flows.serve_command", "cmd_serve")}
 
 
 class _Stderr(logging.StreamHandler):

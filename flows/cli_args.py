@@ -99,4 +99,28 @@ def parser() -> argparse.ArgumentParser:
                     "sizes), trained at the same total token budget and cached in RUN/baselines")
     ev.add_argument("--runner", metavar="SPEC", default="thread", help="task runner for baseline training, as for "
                     "`cbtm run`")
+    _serve_parser(sub)
     return p
+
+
+def _serve_parser(sub) -> None:
+    serve = sub.add_parser("serve", help="serve the ensemble over HTTP (OpenAI-compatible, continuous batching)",
+                           description="Serve a finished run: /v1/completions, /v1/chat/completions, /v1/models, "
+                           "/v1/route, /v1/reload, /metrics and /health. Requests join one running batch at every "
+                           "step. SIGHUP or POST /v1/reload picks up retrained experts.")
+    serve.add_argument("run_dir", metavar="RUN", help="a finished run directory")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.add_argument("--top-k", type=int, default=None, help="experts mixed per prompt (default: the run's)")
+    serve.add_argument("--route-temperature", type=float, default=None, help="routing temperature (default: the run's)")
+    serve.add_argument("--max-batch-size", type=int, default=32, help="prompts decoding together (default: 32)")
+    serve.add_argument("--max-queue", type=int, default=256,
+                       help="requests waiting for room in the batch; more get 429 (default: 256)")
+    serve.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt (default: the context)")
+    serve.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens (default: the context)")
+    serve.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (default: $CBTM_API_KEY; "
+                       "none: no key)")
+    serve.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    serve.add_argument("--max-loaded-experts", type=int, default=None, help="experts kept in memory (default: all)")
+    serve.add_argument("--model-name", default=None, help="the model id clients send (default: the run's folder name)")

@@ -1,0 +1,288 @@
+"""The FastAPI application of `cbtm serve`: OpenAI-compatible routes over one `Ensemble`."""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import signal
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from ensemble.server.generation import (
+    ChoiceText,
+    build_job,
+    check_logprobs,
+    chunk,
+    finish_reason,
+    routing_extension,
+    sampling_for,
+    sse,
+    usage,
+)
+from ensemble.server.metrics import Metrics
+from ensemble.server.protocol import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    RouteRequest,
+    chat_prompt,
+    now,
+    request_id,
+)
+from ensemble.server.scheduler import QueueFull, Scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeSettings:
+    """Limits and identity of one server (`cbtm serve` flags)."""
+
+    model: str
+    max_batch_size: int = 32
+    max_queue: int = 256
+    max_prompt_tokens: int | None = None  # None: the context length
+    max_tokens: int | None = None         # None: the context length
+    api_key: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_queue", "max_prompt_tokens", "max_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {value!r}")
+
+
+class ServerState:
+    def __init__(self, ens, settings: ServeSettings):
+        context = ens.max_positions
+        settings.max_prompt_tokens = min(settings.max_prompt_tokens or context, context)
+        settings.max_tokens = min(settings.max_tokens or context, context)
+        self.ens, self.settings, self.metrics = ens, settings, Metrics()
+        self.scheduler = Scheduler(ens.engine, settings.max_batch_size, settings.max_queue, self.metrics)
+
+
+def create_app(ens, settings: ServeSettings):
+    """The ASGI app serving ``ens``; the scheduler thread starts and stops with the app's lifespan."""
+    state = ServerState(ens, settings)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        state.scheduler.start()
+        try:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(_reload()))
+        except (RuntimeError, ValueError, NotImplementedError):
+            pass  # not the main thread (tests) or no SIGHUP on this platform
+        yield
+        state.scheduler.stop()
+
+    app = FastAPI(title="cbtm", description="A c-BTM ensemble behind an OpenAI-compatible API", lifespan=lifespan)
+    app.state.cbtm = state
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, exc: ApiError):
+        state.metrics.request(request.url.path, exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, exc: RequestValidationError):
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return await api_error(request, ApiError(400, "the request body is not valid JSON", None, "invalid_json"))
+        first = errors[0] if errors else {}
+        loc = [str(p) for p in first.get("loc", ())[1:]]
+        param = loc[0] if loc else None  # the request field; the rest of the path says where inside it
+        return await api_error(request, ApiError(422, f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid')}",
+                                                 param))
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next):
+        if settings.api_key and request.url.path != "/health":
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
+                state.metrics.request(request.url.path, 401)
+                return JSONResponse(ApiError(401, "missing or wrong API key: send Authorization: Bearer KEY", None,
+                                             "invalid_api_key").body(), status_code=401)
+        return await call_next(request)
+
+    async def _reload() -> dict:
+        changed = await asyncio.to_thread(ens.reload)
+        return {"object": "reload", "changed_experts": changed}
+
+    @app.get("/health")
+    async def health():
+        ok = state.scheduler.alive
+        return JSONResponse({"status": "ok" if ok else "starting", "experts": ens.n_experts},
+                            status_code=200 if ok else 503)
+
+    @app.get("/v1/models")
+    async def models():
+        experts = [{k: e[k] for k in ("cluster_id", "keywords", "size", "skipped", "removed")} for e in ens.experts]
+        return {"object": "list", "data": [{"id": settings.model, "object": "model", "created": now(),
+                                            "owned_by": "cbtm", "cbtm": {"experts": experts, "top_k": ens.top_k,
+                                                                         "route_temperature": ens.route_temperature,
+                                                                         "context_length": ens.max_positions}}]}
+
+    @app.post("/v1/route")
+    async def route(body: RouteRequest):
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        try:
+            routes = await asyncio.to_thread(ens.route, texts, body.top_k, body.route_temperature, body.experts,
+                                             body.exclude_experts)
+        except ValueError as exc:
+            raise ApiError(400, str(exc), "input") from exc
+        keywords = {e["cluster_id"]: e["keywords"][:5] for e in ens.experts}
+        data = [{"index": i, "routing": [{"cluster_id": c, "weight": w, "keywords": keywords.get(c, [])} for c, w in r]}
+                for i, r in enumerate(routes)]
+        return {"object": "route", "data": data}
+
+    @app.post("/v1/reload")
+    async def reload():
+        return await _reload()
+
+    @app.get("/metrics")
+    async def metrics():
+        state.metrics.batch(state.scheduler.queue_depth(), state.metrics.active_rows, state.metrics.expert_lanes)
+        return PlainTextResponse(state.metrics.render([e["cluster_id"] for e in ens.experts]),
+                                 media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        _check_model(body.model, settings)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+        samplings = sampling_for(body.temperature, body.top_p, body.seed, body.stop, body.n)
+        job, prompt_tokens, n = build_job(state, prompts, body.max_tokens, samplings, body,
+                                          check_logprobs(body.logprobs, "logprobs"), None)
+        rid, include = request_id("cmpl"), bool((body.stream_options or {}).get("include_usage"))
+        if body.stream:
+            return StreamingResponse(_stream(state, job, rid, "text_completion", n, prompt_tokens, include, False),
+                                     media_type="text/event-stream")
+        texts = await _run(state, job, request, prompt_tokens)
+        return {"id": rid, "object": "text_completion", "created": now(), "model": settings.model,
+                "choices": [{"index": i, "text": t.engine.text(t.row), "logprobs": t.logprob_block(),
+                             "finish_reason": finish_reason(t.row)} for i, t in enumerate(texts)],
+                "usage": usage(prompt_tokens, job), "cbtm": routing_extension(job, n)}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
+        _check_model(body.model, settings)
+        if not body.messages:
+            raise ApiError(400, "messages is empty: send at least one message", "messages")
+        prompt = chat_prompt(ens.tokenizer, body.messages)
+        samplings = sampling_for(body.temperature, body.top_p, body.seed, body.stop, body.n)
+        top = check_logprobs(body.top_logprobs, "top_logprobs") if body.logprobs else None
+        job, prompt_tokens, n = build_job(state, [prompt], body.max_completion_tokens or body.max_tokens, samplings,
+                                          body, (top or 0) if body.logprobs else None, None)
+        rid, include = request_id("chatcmpl"), bool((body.stream_options or {}).get("include_usage"))
+        if body.stream:
+            return StreamingResponse(_stream(state, job, rid, "chat.completion.chunk", n, prompt_tokens, include, True),
+                                     media_type="text/event-stream")
+        texts = await _run(state, job, request, prompt_tokens)
+        return {"id": rid, "object": "chat.completion", "created": now(), "model": settings.model,
+                "choices": [{"index": i, "message": {"role": "assistant", "content": t.engine.text(t.row)},
+                             "logprobs": _chat_logprobs(t), "finish_reason": finish_reason(t.row)}
+                            for i, t in enumerate(texts)],
+                "usage": usage(prompt_tokens, job), "cbtm": routing_extension(job, n)}
+
+    return app
+
+
+def _check_model(model: str | None, settings: ServeSettings) -> None:
+    if model not in (None, "", settings.model):
+        raise ApiError(404, f"the model {model!r} does not exist: this server serves {settings.model!r}", "model",
+                       "model_not_found")
+
+
+def _submit(state: ServerState, job) -> None:
+    try:
+        state.scheduler.submit(job)
+    except QueueFull:
+        raise ApiError(429, f"the server is busy: {state.settings.max_queue} requests are waiting; retry shortly",
+                       None, "queue_full", "rate_limit_error", headers={"Retry-After": "1"}) from None
+
+
+async def _run(state: ServerState, job, request, prompt_tokens: int) -> list[ChoiceText]:
+    """Wait for every row of ``job`` (cancelling it if the client goes away); its choices' texts."""
+    _submit(state, job)
+    texts: dict[int, ChoiceText] = {}
+    done, total = 0, len(job.prompts)
+    try:
+        while done < total:
+            try:
+                kind, payload = await asyncio.wait_for(job.events.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    job.cancel()
+                    raise ApiError(499, "the client closed the connection", None, "client_closed")
+                continue
+            if kind == "error":
+                raise ApiError(500, f"generation failed: {payload}", None, "generation_failed", "server_error")
+            for index, event in payload:
+                texts.setdefault(index, ChoiceText(state.ens.engine, job.rows[index])).add(event)
+                done += event.finish is not None
+    except BaseException:
+        job.cancel()
+        raise
+    _record(state, job, prompt_tokens, request.url.path)
+    return [texts.get(i) or ChoiceText(state.ens.engine, job.rows[i]) for i in range(total)]
+
+
+async def _stream(state: ServerState, job, rid: str, kind: str, n: int, prompt_tokens: int, include_usage: bool,
+                  chat: bool):
+    """Server-sent events: ``data: {chunk}`` per new piece of text, then ``data: [DONE]``."""
+    _submit(state, job)
+    model = state.settings.model
+    texts: dict[int, ChoiceText] = {}
+    done, total = 0, len(job.prompts)
+    try:
+        if chat:
+            yield sse(chunk(kind, rid, model, [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                               "finish_reason": None} for i in range(total)]))
+        while done < total:
+            item_kind, payload = await job.events.get()
+            if item_kind == "error":
+                yield sse({"error": {"message": f"generation failed: {payload}", "type": "server_error",
+                                     "param": None, "code": "generation_failed"}})
+                return
+            for index, event in payload:
+                text = texts.setdefault(index, ChoiceText(state.ens.engine, job.rows[index]))
+                start = len(text.tokens)
+                text.add(event)
+                piece = text.piece()
+                if piece or event.finish:
+                    yield sse(chunk(kind, rid, model, [_delta(text, index, piece, start, chat)]))
+                done += event.finish is not None
+        _record(state, job, prompt_tokens, "/v1/chat/completions" if chat else "/v1/completions")
+        if include_usage:
+            yield sse(chunk(kind, rid, model, [], usage=usage(prompt_tokens, job), cbtm=routing_extension(job, n)))
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancel()  # the client went away mid-stream (or we are done): its rows leave the batch now
+
+
+def _delta(text: ChoiceText, index: int, piece: str, start: int, chat: bool) -> dict:
+    reason = finish_reason(text.row) if text.row.finish else None
+    if chat:
+        return {"index": index, "delta": {"content": piece} if piece else {}, "finish_reason": reason}
+    return {"index": index, "text": piece, "logprobs": text.logprob_block(start), "finish_reason": reason}
+
+
+def _chat_logprobs(text: ChoiceText) -> dict | None:
+    block = text.logprob_block()
+    if block is None:
+        return None
+    tops = block["top_logprobs"] or [None] * len(block["tokens"])
+    return {"content": [{"token": t, "logprob": lp,
+                         "top_logprobs": [{"token": k, "logprob": v} for k, v in (top or {}).items()]}
+                        for t, lp, top in zip(block["tokens"], block["token_logprobs"], tops)]}
+
+
+def _record(state: ServerState, job, prompt_tokens: int, endpoint: str) -> None:
+    state.metrics.tokens(prompt=prompt_tokens)
+    for row in job.rows:
+        state.metrics.tokens(completion=len(row.produced), experts=row.routed)
+    state.metrics.request(endpoint, 200, time.perf_counter() - job.arrived)
