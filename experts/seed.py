@@ -14,6 +14,7 @@ from experts.train import run_training
 from ground.device import resolve_device
 from ground.errors import UserInputError
 from ground.files import atomic_dir
+from ground.loading import model_loading, quiet_transformers
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +36,15 @@ def build_seed(cfg: SeedConfig, tokenizer_dir: Path, out_dir: Path) -> Path:
                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id, **shape)
         torch.manual_seed(cfg.seed)
-        model = LlamaForCausalLM(config)
+        with model_loading():
+            model = LlamaForCausalLM(config)
     else:
         model = load_causal_lm(cfg.model)
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             raise UserInputError(f"seed {cfg.model!r}: its tokenizer is larger than its embedding table")
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
+        with quiet_transformers():
+            model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("seed: %s, %.2fM parameters", cfg.model, n_params / 1e6)

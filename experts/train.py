@@ -28,6 +28,7 @@ from ground import faults
 from ground.device import autocast_dtype, resolve_device
 from ground.errors import UserInputError
 from ground.files import atomic_dir, check_writable, hash_json, hash_path
+from ground.loading import quiet_transformers
 from ground.plots import figure, save_figure
 from ground.progress import progress
 from ground.rundir import hashed_settings
@@ -124,7 +125,8 @@ def run_training(cfg: TrainConfig, init_dir: Path, tokenizer, train_tokens: np.n
                "resumed_from": state.resumed_from or None,
                "params": sum(p.numel() for p in model.parameters()), "fingerprint": fingerprint}
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
+        with quiet_transformers():
+            model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
         (tmp / "expert.json").write_text(json.dumps(summary, indent=2))
