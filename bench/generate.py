@@ -35,8 +35,8 @@ def hf_generate(ens, expert: int, prompt: str, tokens: int):
     model, tok = ens.expert_model(expert), ens.tokenizer
     ids = torch.tensor([[tok.eos_token_id, *tok(prompt, add_special_tokens=False)["input_ids"]]])
     with torch.inference_mode():
-        out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+        out = model.generate(ids, max_new_tokens=tokens, do_sample=False, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.eos_token_id)
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True), out.shape[1] - ids.shape[1]
 
 
@@ -65,11 +65,15 @@ def measure(stacked, sequential, tokens: int, repeats: int) -> dict:
     return {"rate": rate, "ks": ks, "identical": same}
 
 
-def rss_child(run_dir: str, backend: str) -> None:
+def rss_child(run_dir: str, mode: str) -> None:
+    """Peak RSS with every expert resident: ``mode`` sequential | stacked (one batch using every expert: the
+    stack itself) | stacked-subset (then one prompt at top-2: its two experts' weights gathered once)."""
     from ensemble import Ensemble
 
-    ens = Ensemble.load(run_dir, backend=backend)
+    ens = Ensemble.load(run_dir, backend=mode.split("-")[0])
     ens.generate(PROMPTS, max_new_tokens=8, top_k=ens.n_experts)  # every expert resident, all in one batch
+    if mode.endswith("subset"):
+        ens.generate(PROMPTS[0], max_new_tokens=8, top_k=2)
     print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "loaded": sum(e["loaded"] for e in ens.experts)}))
 
@@ -119,11 +123,11 @@ def main() -> None:
         ensure_run(run, clusters, preset)
         stacked, sequential = Ensemble.load(run, backend="stacked"), Ensemble.load(run, backend="sequential")
         report(f"{run} ({stacked.n_experts} experts)", measure(stacked, sequential, args.tokens, args.repeats))
-    for backend in ("stacked", "sequential"):
-        out = subprocess.run([sys.executable, __file__, "--rss-child", args.run8, backend], capture_output=True,
+    for mode in ("sequential", "stacked", "stacked-subset"):
+        out = subprocess.run([sys.executable, __file__, "--rss-child", args.run8, mode], capture_output=True,
                              text=True, check=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
         result = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"peak RSS, {args.run8}, every expert resident, {backend:<10}: {result['peak_rss_mb']:.0f} MB")
+        print(f"peak RSS, {args.run8}, every expert resident, {mode:<15}: {result['peak_rss_mb']:.0f} MB")
 
 
 if __name__ == "__main__":

@@ -71,6 +71,30 @@ class StepEvent:
     top: list | None = None       # [(token, logprob)] of the mixture's most likely tokens (logprobs > 0)
 
 
+def mixtures(rows: list[Row]) -> list:
+    """Every row's `Row.mixture` (float32 [vocab] each), computed for all rows with as many experts at once:
+    the same operations in the same order per element as row by row, so the result is the same bits."""
+    import torch
+
+    out: list = [None] * len(rows)
+    by_k: dict[int, list[int]] = {}
+    for i, row in enumerate(rows):
+        by_k.setdefault(len(row.weights), []).append(i)
+    for k, idx in by_k.items():
+        if len(idx) == 1:
+            out[idx[0]] = rows[idx[0]].mixture()
+            continue
+        experts = [list(rows[i].weights.items()) for i in idx]
+        w = torch.tensor([[w for _, w in pairs] for pairs in experts], dtype=torch.float32)
+        total = None
+        for j in range(k):
+            term = w[:, j:j + 1] * torch.stack([rows[i].lane_probs[experts[n][j][0]] for n, i in enumerate(idx)])
+            total = term if total is None else total + term
+        for n, i in enumerate(idx):
+            out[i] = total[n]
+    return out
+
+
 def _logprobs(mixture, token: int, n: int | None):
     """(log p(token), [(token, log p)] of the ``n`` most likely) under the mixture; (None, None) if not asked."""
     import torch
@@ -97,12 +121,15 @@ class Batch:
 
     def add(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling, route_spec=None,
             reroute_every: int | None = None, prompt: str = "", tag=None, row_index: int = 0,
-            logprobs: int | None = None) -> Row:
-        """Queue a row; it is routed and prefilled at the next `step`. ``prompt_ids`` exclude the leading eos;
-        ``row_index`` offsets the sampling seed (prompt i of a call samples with seed + i)."""
+            logprobs: int | None = None, weights: dict[int, float] | None = None) -> Row:
+        """Queue a row; it is routed (unless ``weights`` are given, routed already) and prefilled at the next
+        `step`. ``prompt_ids`` exclude the leading eos; ``row_index`` offsets the sampling seed (prompt i of a
+        call samples with seed + i)."""
         eos = self.engine.tokenizer.eos_token_id
         row = Row(prompt, [eos, *prompt_ids], int(max_new_tokens), sampling, route_spec, reroute_every,
                   generator=sampling.generator(row_index), tag=tag, logprobs=logprobs)
+        if weights is not None:
+            row.weights = row.routed = dict(sorted(weights.items()))
         self._new.append(row)
         return row
 
@@ -121,7 +148,7 @@ class Batch:
         that produced a token or ended in this step."""
         self._admit()
         live = [r for r in self.rows if r.finish is None]
-        events = [self._advance(row) for row in live]
+        events = [self._advance(row, mixture) for row, mixture in zip(live, mixtures(live))]
         self.rows = [r for r in live if r.finish is None]
         due = [r for r in self.rows if r.reroute_every and len(r.produced) % r.reroute_every == 0]
         fresh = self._reroute(due) if due else set()
@@ -139,9 +166,11 @@ class Batch:
         self._new = []
         if not new:
             return
-        routes = self.engine.route([r.prompt for r in new], [r.route_spec for r in new])
-        for row, route in zip(new, routes):
-            row.weights = row.routed = dict(sorted(route.items()))
+        unrouted = [r for r in new if not r.weights]
+        if unrouted:
+            routes = self.engine.route([r.prompt for r in unrouted], [r.route_spec for r in unrouted])
+            for row, route in zip(unrouted, routes):
+                row.weights = row.routed = dict(sorted(route.items()))
         self._open([(row, e) for row in new for e in row.weights])
         self.rows.extend(new)
 
@@ -159,8 +188,7 @@ class Batch:
             for (row, expert), p in zip(pairs, probs):
                 row.lane_probs[expert] = p
 
-    def _advance(self, row: Row) -> StepEvent:
-        mixture = row.mixture()
+    def _advance(self, row: Row, mixture) -> StepEvent:
         token = pick_token(mixture, row.sampling, row.generator)
         logprob, top = _logprobs(mixture, token, row.logprobs)
         if token == self.engine.tokenizer.eos_token_id:

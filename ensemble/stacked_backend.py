@@ -166,11 +166,18 @@ class StackedLanes:
         self._weights: dict[tuple, dict] = {}
 
     def _composition(self, slots: list[int]) -> tuple[tuple, dict]:
-        key = tuple(sorted(set(slots)))
-        if key not in self._weights:
-            if len(self._weights) >= 2:  # the decode composition and the last prefill's
-                self._weights.pop(next(iter(self._weights)))
-            self._weights[key] = self.b.compose(key)
+        """The weights a forward over lanes on ``slots`` runs with, changed as rarely as possible: the current
+        composition while it holds every slot needed and is at most twice as large (experts without lanes only
+        add zero rows), else the contiguous slot range around them when that is at most twice as large (a view
+        of the stack: nothing copied), else exactly the slots needed (gathered once)."""
+        need = set(slots)
+        if self._weights:
+            (key, weights), = self._weights.items()
+            if need <= set(key) and len(key) <= 2 * len(need):
+                return key, weights
+        span = tuple(range(min(need), max(need) + 1))
+        key = span if len(span) <= 2 * len(need) else tuple(sorted(need))
+        self._weights = {key: self.b.compose(key)}
         return key, self._weights[key]
 
     def _ensure(self, rows: int, positions: int) -> None:
@@ -205,7 +212,8 @@ class StackedLanes:
         self.order += lanes
         for lane, slot, ctx in zip(lanes, slots, contexts):
             self.slot[lane], self.length[lane] = slot, len(ctx)
-        key, weights = self._composition(slots)
+        # The composition the next decode step needs (every lane of the batch), used for this prefill already.
+        key, weights = self._composition([*slots, *(self.slot[lane] for lane in self.order[:first])])
         layout = Layout.of([key.index(s) for s in slots], len(key), self.b.device)
         tokens = torch.zeros((len(lanes), length), dtype=torch.long)
         for i, ctx in enumerate(contexts):

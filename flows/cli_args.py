@@ -123,4 +123,7 @@ def _serve_parser(sub) -> None:
                        "none: no key)")
     serve.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     serve.add_argument("--max-loaded-experts", type=int, default=None, help="experts kept in memory (default: all)")
+    serve.add_argument("--threads", type=int, default=None,
+                       help="torch CPU threads for decoding (default: torch's, one per core); on a small CPU, fewer "
+                       "leave a core to HTTP and routing: lower latency for few clients")
     serve.add_argument("--model-name", default=None, help="the model id clients send (default: the run's folder name)")

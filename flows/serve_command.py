@@ -17,6 +17,12 @@ def cmd_serve(args) -> int:
 
     if not 0 < args.port < 65536:
         raise UserInputError(f"--port must be between 1 and 65535, got {args.port}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserInputError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     settings = ServeSettings(args.model_name or Path(args.run_dir).resolve().name, args.max_batch_size,
                              args.max_queue, args.max_prompt_tokens, args.max_tokens,
                              args.api_key or os.environ.get("CBTM_API_KEY") or None)

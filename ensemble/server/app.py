@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+from ensemble.routing import route_texts
 from ensemble.server.generation import (
     ChoiceText,
     build_job,
@@ -34,7 +35,7 @@ from ensemble.server.protocol import (
     now,
     request_id,
 )
-from ensemble.server.scheduler import QueueFull, Scheduler
+from ensemble.server.scheduler import QueueFull, RouteBatcher, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class ServerState:
         settings.max_tokens = min(settings.max_tokens or context, context)
         self.ens, self.settings, self.metrics = ens, settings, Metrics()
         self.scheduler = Scheduler(ens.engine, settings.max_batch_size, settings.max_queue, self.metrics)
+        self.router = RouteBatcher(route_texts)
 
 
 def create_app(ens, settings: ServeSettings):
@@ -79,6 +81,7 @@ def create_app(ens, settings: ServeSettings):
             pass  # not the main thread (tests) or no SIGHUP on this platform
         yield
         state.scheduler.stop()
+        state.router.stop()
 
     app = FastAPI(title="cbtm", description="A c-BTM ensemble behind an OpenAI-compatible API", lifespan=lifespan)
     app.state.cbtm = state
@@ -99,15 +102,8 @@ def create_app(ens, settings: ServeSettings):
         return await api_error(request, ApiError(422, f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid')}",
                                                  param))
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        if settings.api_key and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
-                state.metrics.request(request.url.path, 401)
-                return JSONResponse(ApiError(401, "missing or wrong API key: send Authorization: Bearer KEY", None,
-                                             "invalid_api_key").body(), status_code=401)
-        return await call_next(request)
+    if settings.api_key:
+        app.add_middleware(ApiKey, key=settings.api_key, metrics=state.metrics)
 
     async def _reload() -> dict:
         changed = await asyncio.to_thread(ens.reload)
@@ -191,13 +187,37 @@ def create_app(ens, settings: ServeSettings):
     return app
 
 
+class ApiKey:
+    """Pure ASGI middleware: every path but /health needs ``Authorization: Bearer KEY`` (a plain ASGI layer,
+    because Starlette's BaseHTTPMiddleware slows streamed responses down)."""
+
+    def __init__(self, app, key: str, metrics: Metrics):
+        self.app, self.expected, self.metrics = app, f"Bearer {key}".encode(), metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] != "/health":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                self.metrics.request(scope["path"], 401)
+                response = JSONResponse(ApiError(401, "missing or wrong API key: send Authorization: Bearer KEY",
+                                                 None, "invalid_api_key").body(), status_code=401)
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 def _check_model(model: str | None, settings: ServeSettings) -> None:
     if model not in (None, "", settings.model):
         raise ApiError(404, f"the model {model!r} does not exist: this server serves {settings.model!r}", "model",
                        "model_not_found")
 
 
-def _submit(state: ServerState, job) -> None:
+async def _submit(state: ServerState, job) -> None:
+    """Route the job's prompts here, in a worker thread (the embedder would otherwise stall every row of the
+    running batch), then queue it."""
+    if state.scheduler.queue_depth() >= state.settings.max_queue:
+        raise ApiError(429, f"the server is busy: {state.settings.max_queue} requests are waiting; retry shortly",
+                       None, "queue_full", "rate_limit_error", headers={"Retry-After": "1"})
+    job.weights = await state.router.route(job.prompts, [job.spec] * len(job.prompts))
     try:
         state.scheduler.submit(job)
     except QueueFull:
@@ -207,7 +227,7 @@ def _submit(state: ServerState, job) -> None:
 
 async def _run(state: ServerState, job, request, prompt_tokens: int) -> list[ChoiceText]:
     """Wait for every row of ``job`` (cancelling it if the client goes away); its choices' texts."""
-    _submit(state, job)
+    await _submit(state, job)
     texts: dict[int, ChoiceText] = {}
     done, total = 0, len(job.prompts)
     try:
@@ -234,7 +254,7 @@ async def _run(state: ServerState, job, request, prompt_tokens: int) -> list[Cho
 async def _stream(state: ServerState, job, rid: str, kind: str, n: int, prompt_tokens: int, include_usage: bool,
                   chat: bool):
     """Server-sent events: ``data: {chunk}`` per new piece of text, then ``data: [DONE]``."""
-    _submit(state, job)
+    await _submit(state, job)
     model = state.settings.model
     texts: dict[int, ChoiceText] = {}
     done, total = 0, len(job.prompts)
@@ -243,19 +263,30 @@ async def _stream(state: ServerState, job, rid: str, kind: str, n: int, prompt_t
             yield sse(chunk(kind, rid, model, [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                "finish_reason": None} for i in range(total)]))
         while done < total:
-            item_kind, payload = await job.events.get()
-            if item_kind == "error":
-                yield sse({"error": {"message": f"generation failed: {payload}", "type": "server_error",
+            items = [await job.events.get()]
+            while not job.events.empty():  # steps that came while we wrote: one chunk for all of them
+                items.append(job.events.get_nowait())
+            if any(kind_ == "error" for kind_, _ in items):
+                message = next(payload for kind_, payload in items if kind_ == "error")
+                yield sse({"error": {"message": f"generation failed: {message}", "type": "server_error",
                                      "param": None, "code": "generation_failed"}})
                 return
-            for index, event in payload:
-                text = texts.setdefault(index, ChoiceText(state.ens.engine, job.rows[index]))
-                start = len(text.tokens)
-                text.add(event)
-                piece = text.piece()
-                if piece or event.finish:
-                    yield sse(chunk(kind, rid, model, [_delta(text, index, piece, start, chat)]))
-                done += event.finish is not None
+            starts, finished = {}, set()
+            for _, payload in items:
+                for index, event in payload:
+                    text = texts.setdefault(index, ChoiceText(state.ens.engine, job.rows[index]))
+                    starts.setdefault(index, len(text.tokens))
+                    text.add(event)
+                    if event.finish is not None:
+                        finished.add(index)
+            deltas = []
+            for index, start in starts.items():
+                piece = texts[index].piece()
+                if piece or index in finished:
+                    deltas.append(_delta(texts[index], index, piece, start, chat))
+            done += len(finished)
+            if deltas:
+                yield sse(chunk(kind, rid, model, deltas))
         _record(state, job, prompt_tokens, "/v1/chat/completions" if chat else "/v1/completions")
         if include_usage:
             yield sse(chunk(kind, rid, model, [], usage=usage(prompt_tokens, job), cbtm=routing_extension(job, n)))

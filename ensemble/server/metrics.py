@@ -42,6 +42,7 @@ class Metrics:
         self.queue_depth = 0
         self.active_rows = 0
         self.expert_lanes: dict[int, int] = {}      # cluster_id -> lanes in the running batch
+        self.steps, self.step_seconds, self.step_rows = 0, 0.0, 0
 
     def request(self, endpoint: str, status: int, seconds: float | None = None) -> None:
         with self._lock:
@@ -56,6 +57,12 @@ class Metrics:
             self.completion_tokens += completion
             for cid in experts:
                 self.expert_tokens[int(cid)] += completion
+
+    def step(self, seconds: float, rows: int) -> None:
+        """One decoding step of the batch: how long it took and how many rows it served."""
+        with self._lock:
+            self.steps, self.step_seconds, self.step_rows = self.steps + 1, self.step_seconds + seconds, \
+                self.step_rows + rows
 
     def ttft(self, seconds: float) -> None:
         with self._lock:
@@ -86,6 +93,12 @@ class Metrics:
             lines += ["# HELP cbtm_expert_tokens_total Tokens generated with each expert in the mixture.",
                       "# TYPE cbtm_expert_tokens_total counter"]
             lines += [f'cbtm_expert_tokens_total{{cluster_id="{c}"}} {self.expert_tokens.get(c, 0)}' for c in experts]
+            lines += ["# HELP cbtm_steps_total Decoding steps of the running batch.", "# TYPE cbtm_steps_total counter",
+                      f"cbtm_steps_total {self.steps}",
+                      "# HELP cbtm_step_seconds_total Time spent in decoding steps.",
+                      "# TYPE cbtm_step_seconds_total counter", f"cbtm_step_seconds_total {self.step_seconds:.6f}",
+                      "# HELP cbtm_step_rows_total Rows served by decoding steps (divide by steps: batch occupancy).",
+                      "# TYPE cbtm_step_rows_total counter", f"cbtm_step_rows_total {self.step_rows}"]
             lines += ["# HELP cbtm_request_latency_seconds Time from arrival to the last token.",
                       "# TYPE cbtm_request_latency_seconds histogram",
                       *self.latency.lines("cbtm_request_latency_seconds"),

@@ -36,6 +36,7 @@ class Job:
     reroute_every: int | None
     logprobs: int | None
     loop: asyncio.AbstractEventLoop
+    weights: list[dict] | None = None  # routed already (off the decoding thread), one per row
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     rows: list[Row] = field(default_factory=list)
     cancelled: bool = False
@@ -103,7 +104,9 @@ class Scheduler:
                 self._report(batch)
                 continue
             try:
+                started = time.perf_counter()
                 events = batch.step()
+                self.metrics.step(time.perf_counter() - started, len(events))
             except Exception as exc:  # a bug or a device error: fail the requests in flight, keep serving
                 log.exception("decoding step failed")
                 for job in self._running:
@@ -129,7 +132,8 @@ class Scheduler:
             self._queue.popleft()
             for i, (prompt, ids, sampling) in enumerate(zip(job.prompts, job.encoded, job.samplings)):
                 job.rows.append(batch.add(ids, job.max_new_tokens, sampling, job.spec, job.reroute_every,
-                                          prompt=prompt, tag=(job, i), logprobs=job.logprobs))
+                                          prompt=prompt, tag=(job, i), logprobs=job.logprobs,
+                                          weights=job.weights[i] if job.weights else None))
             self._running.append(job)
             active += len(job.prompts)
 
@@ -148,9 +152,75 @@ class Scheduler:
                 job.first_token = time.perf_counter()
                 self.metrics.ttft(job.first_token - job.arrived)
             by_job.setdefault(id(job), [job]).append((index, event))
+        by_loop: dict[int, list] = {}
         for job, *items in by_job.values():
-            job.emit(("events", items))
+            by_loop.setdefault(id(job.loop), [job.loop]).append((job, ("events", items)))
+        for loop, *deliveries in by_loop.values():  # one wake-up of each event loop per step, not one per request
+            try:
+                loop.call_soon_threadsafe(_deliver, deliveries)
+            except RuntimeError:  # the event loop is closed: the server is shutting down
+                for job, _ in deliveries:
+                    job.cancelled = True
 
     def _report(self, batch: Batch) -> None:
         lanes = Counter(e for row in batch.active for e in row.lanes)
         self.metrics.batch(self.queue_depth(), len(batch.active), dict(lanes))
+
+
+class RouteBatcher:
+    """Routes the prompts of requests that arrive together in one embedding call, in its own thread (the
+    embedder costs more per call than per text, and must not stall the decoding thread)."""
+
+    def __init__(self, route):
+        self._route, self._pending, self._cond = route, [], threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="cbtm-router", daemon=True)
+        self._thread.start()
+
+    async def route(self, texts: list[str], specs: list) -> list[dict]:
+        """The routing of ``texts`` ({cluster_id: weight} each), computed with whatever else is waiting."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._cond:
+            self._pending.append((texts, specs, loop, future))
+            self._cond.notify()
+        return await future
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._stop:
+                    self._cond.wait()
+                if self._stop:
+                    return
+                batch, self._pending = self._pending, []
+            texts = [t for item in batch for t in item[0]]
+            specs = [s for item in batch for s in item[1]]
+            try:
+                routes, error = self._route(texts, specs), None
+            except Exception as exc:  # answer every waiting request, keep routing
+                routes, error = None, exc
+            at = 0
+            for item_texts, _, loop, future in batch:
+                part = None if error else routes[at:at + len(item_texts)]
+                at += len(item_texts)
+                loop.call_soon_threadsafe(_resolve, future, part, error)
+
+
+def _deliver(deliveries: list) -> None:
+    for job, item in deliveries:
+        job.events.put_nowait(item)
+
+
+def _resolve(future, result, error) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
