@@ -128,7 +128,8 @@ def time_sentence_transformers(args: argparse.Namespace, corpus: Path, texts: li
     from sentence_transformers import SentenceTransformer
 
     from cluster.config import EmbedConfig
-    from cluster.embed import SentenceTransformerEmbedder, embed_corpus, load_embeddings, resolve_model_path
+    from cluster.embed import embed_corpus, load_embeddings
+    from cluster.minilm import SentenceTransformerEmbedder, resolve_model_path
 
     bs = args.batch_size
     cfg = EmbedConfig(batch_size=bs)

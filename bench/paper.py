@@ -5,19 +5,19 @@
 
 Per corpus (train split for training, test split for evaluation, read from ../shared/data by path):
 
-1. `cbtm run` builds the run with the largest k: ingest, embed, learned balanced clusters, a from-scratch
-   seed of ``--preset`` and one expert per cluster, all experts together trained on ``--budget`` tokens.
+1. `cbtm run` builds the run with the largest k with cbtm's defaults (embedder, router, seed phase; each can
+   be set): ingest, embed, learned balanced clusters, a from-scratch seed of ``--preset``, the seed phase on the
+   whole training split, and one expert per cluster; seed phase and experts together train on ``--budget``.
 2. Every other system is a run derived from it (`flows.baselines.plan_derived`: same corpus, embeddings,
-   tokenizer and seed) trained by the same `train_expert` on the same total budget, split over its clusters in
-   proportion to their tokens: dense (k = 1); learned clusters at each k, balanced and unbalanced; random
-   clusters with the balanced clusters' sizes.
-3. Each system is scored on the same test documents by `ensemble.evaluate.evaluate_run` (routing from the
+   tokenizer and pretrained seed) trained by the same `train_expert` on the same rest of the budget, split over
+   its clusters in proportion to their tokens: dense (k = 1); learned clusters at each k (balanced, and with
+   ``--systems`` unbalanced); random clusters with the balanced clusters' sizes.
+3. Each system is scored on the same test documents by `flows.evaluate.evaluate_run` (routing from the
    preceding context) with top-1, top-2 and all experts; token-level perplexity, one tokenizer for all.
 
-Runs are cached under ``--out`` (a re-run only evaluates). Prints one table per corpus and the targets of
-issue 8 (best k >= 10% below dense, top-2 within 2% of all experts, learned >= 5% below random), writes
-``OUT/paper.json`` and the plot ``--plot``. The embedder is tf-idf + SVD, the paper's own choice, so that
-embedding and routing take seconds on a 2-core CPU (``--embedder minilm`` uses the product default).
+Runs are cached under ``--out`` (a re-run only evaluates). Prints one table per corpus and the targets (best k
+>= 10% below dense, top-2 within 2% of all experts, learned >= 5% below random), writes ``OUT/paper.json`` and
+the plot ``--plot``.
 """
 from __future__ import annotations
 
@@ -46,17 +46,21 @@ def _args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--corpora", default="20newsgroups,dbpedia14_subset", help="folders of ../shared/data")
     p.add_argument("--ks", default="1,2,4,8,16", help="numbers of clusters (1 = dense)")
-    p.add_argument("--budget", type=int, default=3_000_000, help="training tokens per system (all experts)")
+    p.add_argument("--budget", type=int, default=3_000_000,
+                   help="training tokens per system, the seed phase included (train.total_tokens)")
     p.add_argument("--preset", default="tiny", help="from-scratch seed preset (default: %(default)s)")
-    p.add_argument("--pretrain", type=int, default=1_000_000,
-                   help="seed phase: tokens the seed is trained on (the whole training split) before the systems "
-                   "branch from it; not counted in --budget, shared by all")
+    p.add_argument("--pretrain-share", type=float, default=None,
+                   help="seed.pretrain_share: the share of --budget the seed phase on the whole training split takes "
+                   "before the systems branch from it (shared by all; default: cbtm's)")
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--eval-docs", type=int, default=300, help="test documents per corpus (seeded sample)")
     p.add_argument("--eval-chars", type=int, default=3000, help="each test document cut to this many characters")
-    p.add_argument("--embedder", choices=("tfidf", "minilm"), default="tfidf")
-    p.add_argument("--systems", default="learned balanced,learned unbalanced,random",
-                   help="systems besides dense (comma-separated; default: all three)")
+    p.add_argument("--embedder", choices=("default", "tfidf", "sentence-transformers", "hybrid"), default="default",
+                   help="embed.kind (default: cbtm's)")
+    p.add_argument("--router", choices=("default", "centroid", "prefix"), default="default",
+                   help="ensemble.router (default: cbtm's)")
+    p.add_argument("--systems", default="learned balanced,random",
+                   help="systems besides dense (comma-separated from: learned balanced, learned unbalanced, random)")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "paper")
     p.add_argument("--plot", type=Path, default=ROOT / "bench" / "results" / "paper.png")
     return p.parse_args(argv)
@@ -70,10 +74,12 @@ def build_parent(corpus: str, k: int, args) -> tuple[RunDir, bool]:
     sets = [f"train.total_tokens={args.budget}", f'seed.model="preset:{args.preset}"',
             f"seed.vocab_size={args.vocab_size}", "corpus.heldout_fraction=0.02", 'corpus.label_field="label"',
             "train.eval_every=1000000", "train.checkpoint_every=0", "train.batch_size=8", "train.block_size=128"]
-    if args.pretrain:
-        sets.append(f"seed.pretrain_tokens={args.pretrain}")
-    if args.embedder == "tfidf":
-        sets.append('embed.kind="tfidf"')
+    if args.pretrain_share is not None:
+        sets.append(f"seed.pretrain_share={args.pretrain_share}")
+    if args.embedder != "default":
+        sets.append(f'embed.kind="{args.embedder}"')
+    if args.router != "default":
+        sets.append(f'ensemble.router="{args.router}"')
     cmd = [str(Path(sys.executable).parent / "cbtm"), "run", "--corpus", str(SHARED / corpus / "train.jsonl.gz"),
            "--out", str(out), "--clusters", str(k)] + [a for s in sets for a in ("--set", s)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -122,7 +128,7 @@ def test_texts(corpus: str, n: int, chars: int) -> list[str]:
 def score(run: RunDir, texts: list[str], shared: dict) -> dict:
     """top-1, top-2 and all-experts perplexity of one system; routing vectors shared between systems."""
     from ensemble import Ensemble
-    from ensemble.evaluate import evaluate_run
+    from flows.evaluate import evaluate_run
 
     ens = Ensemble.load(run.root, device="cpu")
     r = evaluate_run(ens, texts, [1, 2, ens.n_experts], nearest=[0] * len(texts), n_clusters=1,
@@ -140,15 +146,18 @@ def run_corpus(corpus: str, ks: list[int], args) -> list[dict]:
     print(f"[{corpus}] k={max(ks)} run built in {built:.0f}s", flush=True)
     texts, shared, rows = test_texts(corpus, args.eval_docs, args.eval_chars), {}, []
     n_train = len(baseline_labels(parent, "dense")[0])
+    # Every system branches from the parent's seed phase and trains the rest of the budget.
+    experts_budget = args.budget - PipelineConfig.from_dict(parent.read_manifest().config).seed_tokens()
     # Each maker returns (run, training seconds or None when cached); the largest k is the parent, built above.
-    systems = [("dense", 1, lambda: fixed(parent, "k1-dense", baseline_labels(parent, "dense")[0], 1, args.budget))]
+    budget = experts_budget
+    systems = [("dense", 1, lambda: fixed(parent, "k1-dense", baseline_labels(parent, "dense")[0], 1, budget))]
     for k in [k for k in ks if k > 1]:
         lb = (lambda k=k: (parent, built if parent_trained else None) if k == max(ks)
-              else learned(parent, k, True, args.budget))
+              else learned(parent, k, True, budget))
         systems += [("learned balanced", k, lb),
-                    ("learned unbalanced", k, lambda k=k: learned(parent, k, False, args.budget)),
+                    ("learned unbalanced", k, lambda k=k: learned(parent, k, False, budget)),
                     ("random", k, lambda k=k, lb=lb: fixed(parent, f"k{k}-random",
-                                                           baseline_labels(lb()[0], "random")[0], k, args.budget))]
+                                                           baseline_labels(lb()[0], "random")[0], k, budget))]
     wanted = {"dense", *(s.strip() for s in args.systems.split(","))}
     systems = [s for s in systems if s[0] in wanted]
     for name, k, make in systems:

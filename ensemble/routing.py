@@ -16,6 +16,8 @@ class CentroidRouter:
     """c-BTM routing: a context's logit for cluster c is minus its squared distance to centroid c."""
 
     kind = "centroid"
+    default_temperature = 0.1
+    early_starts: tuple[int, ...] = ()  # an embedding needs a window of context: route from the first window on
 
     def __init__(self, embed: Callable[[list[str]], np.ndarray], centroids: np.ndarray):
         self.embed, self.centroids = embed, np.asarray(centroids, dtype=np.float32)

@@ -9,7 +9,6 @@ on. Everything here takes explicit inputs: token ids, routing scores, a backend 
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import numpy as np
@@ -19,36 +18,45 @@ from ensemble.router import top_k_softmax
 ROUTE_CONTEXT_TOKENS = 256  # at most this many preceding tokens are embedded to route a window
 
 
-def window_contexts(encoded: list[list[int]], window: int, decode: Callable[[list[int]], str]):
-    """(contexts, owners): the text before each window but the first of each tokenised text (at most
-    ROUTE_CONTEXT_TOKENS tokens), and its (text index, window index)."""
+def window_starts(n_tokens: int, window: int, early: tuple[int, ...] = ()) -> list[int]:
+    """Where routing is recomputed in a text of ``n_tokens``: every ``window`` tokens, and at the ``early``
+    positions inside the first window (a router that decides from a few tokens: `ensemble.prefix_router`)."""
+    starts = {s for s in early if 0 < s < min(window, n_tokens)} | set(range(window, n_tokens, window))
+    return sorted(starts)
+
+
+def window_contexts(encoded: list[list[int]], window: int, decode: Callable[[list[int]], str],
+                    early: tuple[int, ...] = ()):
+    """(contexts, owners): the text before each routing span but the first of each tokenised text (at most
+    ROUTE_CONTEXT_TOKENS tokens), and the span (text index, first token, end) it routes."""
     contexts, owners = [], []
     for ti, ids in enumerate(encoded):
-        for c in range(1, math.ceil(len(ids) / window)):
-            start = c * window
+        starts = window_starts(len(ids), window, early)
+        for start, end in zip(starts, [*starts[1:], len(ids)]):
             contexts.append(decode(ids[max(0, start - ROUTE_CONTEXT_TOKENS):start]))
-            owners.append((ti, c))
+            owners.append((ti, start, end))
     return contexts, owners
 
 
-def window_weights(lengths: list[int], window: int, n_clusters: int, owners: list[tuple[int, int]],
+def window_weights(lengths: list[int], n_clusters: int, owners: list[tuple[int, int, int]],
                    logits: np.ndarray | None, top_k: int, columns: np.ndarray,
                    prior: tuple[np.ndarray, np.ndarray]) -> list[np.ndarray]:
     """Per text, dense weights float64 [n_tokens, n_clusters] (rows sum to 1).
 
-    ``logits`` float [n_contexts, len(columns)]: routing logits of each window's context over the cluster ids
-    ``columns`` (the experts that may serve); the first window of each text takes ``prior`` (ids, weights).
+    ``logits`` float [n_contexts, len(columns)]: routing logits of each span's context over the cluster ids
+    ``columns`` (the experts that may serve); tokens before a text's first span take ``prior`` (ids, weights).
     """
     prior_ids, prior_w = prior
     mats = []
     for n in lengths:
         m = np.zeros((n, n_clusters))
-        m[:window, prior_ids] = prior_w
+        m[:, prior_ids] = prior_w
         mats.append(m)
     if logits is not None and len(owners):
         ids, weights = top_k_softmax(logits, top_k)
-        for (ti, c), row_ids, row_w in zip(owners, columns[ids], weights):
-            mats[ti][c * window:(c + 1) * window, row_ids] = row_w
+        for (ti, start, end), row_ids, row_w in zip(owners, columns[ids], weights):
+            mats[ti][start:end] = 0.0
+            mats[ti][start:end, row_ids] = row_w
     return mats
 
 

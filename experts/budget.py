@@ -8,9 +8,10 @@ is not spent).
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
-from experts.config import TrainConfig
+from experts.config import SeedConfig, TrainConfig
 from experts.data import tokenize_corpus, train_token_counts
 from experts.tokenizer import open_tokenizer
 from ground.errors import UserInputError
@@ -58,6 +59,28 @@ def _largest_remainder(weights: dict[int, float], n: int, floor: int) -> dict[in
     for c in sorted(exact, key=lambda c: (-(exact[c] - out[c]), c))[:left]:
         out[c] += 1
     return {c: k + floor for c, k in out.items()}
+
+
+def seed_phase_tokens(seed: SeedConfig, train: TrainConfig, n_clusters: int) -> int:
+    """Tokens of the seed phase, in whole steps: ``seed.pretrain_tokens`` when set, else ``seed.pretrain_share``
+    of the training budget (``train.total_tokens``, or ``n_clusters`` x ``train.steps`` x tokens per step)."""
+    total = train.total_tokens or n_clusters * train.steps * train.tokens_per_step
+    tokens = seed.pretrain_tokens or int(seed.pretrain_share * total)
+    if tokens >= total:
+        raise UserInputError(f"the seed phase ({tokens:,} tokens) takes the whole training budget ({total:,}): "
+                             "lower seed.pretrain_tokens or seed.pretrain_share, or raise the budget")
+    return tokens // train.tokens_per_step * train.tokens_per_step
+
+
+def expert_budget(train: TrainConfig, seed_tokens: int, n_clusters: int) -> TrainConfig:
+    """The training settings the experts share once a seed phase of ``seed_tokens`` has taken its part of the
+    budget: ``total_tokens`` minus the seed phase, or, without a total, ``steps`` lowered in proportion."""
+    if not seed_tokens:
+        return train
+    if train.total_tokens is not None:
+        return replace(train, total_tokens=train.total_tokens - seed_tokens)
+    total = n_clusters * train.steps * train.tokens_per_step
+    return replace(train, steps=max(1, round(train.steps * (total - seed_tokens) / total)))
 
 
 def split_tokens(steps: dict[int, int], cfg: TrainConfig) -> dict[int, int]:

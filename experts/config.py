@@ -27,14 +27,17 @@ class SeedConfig:
 
     ``model`` is ``preset:NAME`` (a from-scratch Llama-style decoder with a byte-level BPE tokenizer trained
     on the corpus) or any Hugging Face causal LM name or local path (its own tokenizer is used).
-    ``pretrain_tokens`` > 0 adds the Branch-Train-Merge seed phase: the seed is first trained on the whole
-    training split for that many tokens (with the ``train`` settings), and every expert branches from it.
+    The Branch-Train-Merge seed phase trains the seed on the whole training split (with the ``train`` settings)
+    before every expert branches from it, and it is part of the training budget: ``pretrain_share`` of it (the
+    budget is ``train.total_tokens``, or k x ``train.steps`` x tokens per step), or ``pretrain_tokens`` when
+    that is > 0; the experts share the rest. 0 and 0: no seed phase.
     """
 
     model: str = "preset:1m"
     vocab_size: int = 4096
     max_position_embeddings: int = 512
     seed: int = 0
+    pretrain_share: float = 0.75
     pretrain_tokens: int = 0
 
     def __post_init__(self) -> None:
@@ -49,7 +52,10 @@ class SeedConfig:
         if self.max_position_embeddings < 16:
             raise UserInputError(f"seed.max_position_embeddings must be >= 16, got {self.max_position_embeddings}")
         if self.pretrain_tokens < 0:
-            raise UserInputError(f"seed.pretrain_tokens must be >= 0 (0: no seed phase), got {self.pretrain_tokens}")
+            raise UserInputError(f"seed.pretrain_tokens must be >= 0 (0: use seed.pretrain_share), "
+                                 f"got {self.pretrain_tokens}")
+        if not 0.0 <= self.pretrain_share < 1.0:
+            raise UserInputError(f"seed.pretrain_share must be in [0, 1) (0: no seed phase), got {self.pretrain_share}")
 
     @property
     def preset(self) -> str | None:

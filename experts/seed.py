@@ -51,21 +51,21 @@ def build_seed(cfg: SeedConfig, tokenizer_dir: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def pretrain_seed(cfg: SeedConfig, train_cfg, seed_dir: Path, corpus_path: Path, out_dir: Path, *,
+def pretrain_seed(tokens: int, train_cfg, seed_dir: Path, corpus_path: Path, out_dir: Path, *,
                   checkpoint_dir: Path | None = None, cache_dir: Path | None = None, device: str | None = None,
                   show_progress: bool = True) -> Path:
-    """The Branch-Train-Merge seed phase: train the seed on every training document for
-    ``cfg.pretrain_tokens`` tokens (rounded up to whole steps of ``train_cfg.tokens_per_step``) with the
+    """The Branch-Train-Merge seed phase: train the seed on every training document for ``tokens`` tokens
+    (rounded up to whole steps of ``train_cfg.tokens_per_step``; see `experts.budget.seed_phase_tokens`) with the
     ``train_cfg`` optimizer settings, validated on every held-out document, and write it to ``out_dir``
     atomically (save_pretrained + tokenizer + metrics.jsonl + loss.png + expert.json).
 
     Returns the directory experts branch from: ``out_dir``, or ``seed_dir`` unchanged when
-    ``cfg.pretrain_tokens`` is 0 (nothing is written). Resumable like an expert with ``checkpoint_dir``.
+    ``tokens`` is 0 (nothing is written). Resumable like an expert with ``checkpoint_dir``.
     """
-    if cfg.pretrain_tokens == 0:
+    if tokens == 0:
         return Path(seed_dir)
     device = resolve_device(device or train_cfg.device)
-    steps = math.ceil(cfg.pretrain_tokens / train_cfg.tokens_per_step)
+    steps = math.ceil(tokens / train_cfg.tokens_per_step)
     train_cfg = replace(train_cfg, steps=steps)
     tokenizer = open_tokenizer(seed_dir)
     tokens = tokenize_corpus(tokenizer, corpus_path, cache_dir)

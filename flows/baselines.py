@@ -27,6 +27,7 @@ from experts.budget import cluster_token_counts, steps_per_expert
 from experts.config import TrainConfig
 from experts.train import train_expert
 from flows.config import PipelineConfig
+from flows.routing_stage import train_router
 from flows.stages import expert_is_current, record_expert
 from ground.errors import UserInputError
 from ground.files import atomic_write_text, hash_json, hash_path
@@ -113,7 +114,7 @@ def plan_derived(parent: RunDir, root: Path, name: str, clusters_key: dict, n_cl
     key = hash_json({"clusters": clusters_key, "ingest": up("ingest"), "embed": up("embed")})
     run = RunDir(root)
     manifest = _derived_manifest(parent, pm, cfg, run, key, n_clusters, cluster_overrides or {}, make_clusters)
-    branch = parent.branch_dir(bool(cfg.seed.pretrain_tokens))
+    branch = parent.branch_dir(bool(cfg.seed_tokens()))
     train = dataclasses.replace(cfg.train, total_tokens=total)
     steps = _steps(parent, branch, run, train, n_clusters, name)
     inputs = {c: hash_json({"train": hashed_settings(train), "seed": up("seed"), "pretrain": up("pretrain"),
@@ -148,6 +149,9 @@ def _derived_manifest(parent: RunDir, pm: Manifest, cfg: PipelineConfig, run: Ru
         shutil.copy2(f, run.seed_dir / f.name)
     if (parent.embeddings_dir / "tfidf").is_dir():
         shutil.copytree(parent.embeddings_dir / "tfidf", run.embeddings_dir / "tfidf", dirs_exist_ok=True)
+    if cfg.ensemble.router == "prefix":  # its own clusters: its own router
+        train_router(parent.corpus_path, run.clusters_dir, run.tokenizer_dir, cfg.embed, parent.embeddings_dir,
+                     run.router_dir)
     run.record_stage(manifest, "cluster", key, hash_path(run.clusters_dir))
     return manifest
 

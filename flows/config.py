@@ -11,6 +11,7 @@ import tomllib
 
 from cluster.config import ClusterConfig, CorpusConfig, EmbedConfig
 from ensemble.config import EnsembleConfig
+from experts.budget import seed_phase_tokens
 from experts.config import SeedConfig, TrainConfig
 from ground.errors import UserInputError
 
@@ -28,6 +29,10 @@ class PipelineConfig:
     seed: SeedConfig = field(default_factory=SeedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+
+    def seed_tokens(self) -> int:
+        """Tokens of the seed phase (0: none), a part of the training budget (`experts.budget`)."""
+        return seed_phase_tokens(self.seed, self.train, self.cluster.n_clusters)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

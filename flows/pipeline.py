@@ -28,6 +28,7 @@ from experts.seed import build_seed, pretrain_seed
 from experts.tokenizer import train_tokenizer
 from flows.config import PipelineConfig
 from flows.report import label_field, write_report
+from flows.routing_stage import train_router
 from flows.runners import is_remote
 from flows.stages import run_stage, stage_inputs
 from flows.training import train_experts
@@ -63,6 +64,7 @@ seed_task = task(build_seed, name="seed", cache_policy=NO_CACHE)
 report_task = task(write_report, name="assemble", cache_policy=NO_CACHE)
 choose_k_task = task(choose_k, name="choose-k", cache_policy=NO_CACHE)
 pretrain_task = task(pretrain_seed, name="pretrain-seed", cache_policy=NO_CACHE)
+router_task = task(train_router, name="router", cache_policy=NO_CACHE)
 
 
 def open_run(run: RunDir, cfg: PipelineConfig, force: set[str] = frozenset()) -> Manifest:
@@ -201,11 +203,15 @@ def _build_stages(cfg: PipelineConfig, run: RunDir, manifest: Manifest, until: s
               lambda: tokenizer_task(cfg.seed, run.corpus_path, run.tokenizer_dir), force="train" in force)
     run_stage(run, manifest, "seed", stage_inputs(cfg, manifest, "seed"),
               lambda: seed_task(cfg.seed, run.tokenizer_dir, run.seed_dir), force="train" in force)
-    if cfg.seed.pretrain_tokens:  # Branch-Train-Merge seed phase: train the seed on everything first
+    if cfg.seed_tokens():  # Branch-Train-Merge seed phase: train the seed on everything first
         run_stage(run, manifest, "pretrain", stage_inputs(cfg, manifest, "pretrain"),
-                  lambda: pretrain_task(cfg.seed, cfg.train, run.seed_dir, run.corpus_path, run.pretrained_dir,
+                  lambda: pretrain_task(cfg.seed_tokens(), cfg.train, run.seed_dir, run.corpus_path, run.pretrained_dir,
                                         checkpoint_dir=run.checkpoint_dir("seed"), cache_dir=run.token_cache),
                   force="train" in force)
+    if cfg.ensemble.router == "prefix":
+        run_stage(run, manifest, "router", stage_inputs(cfg, manifest, "router"),
+                  lambda: router_task(run.corpus_path, run.clusters_dir, run.tokenizer_dir, cfg.embed,
+                                      run.embeddings_dir, run.router_dir), force="cluster" in force)
     train_experts(cfg, run, manifest, list(range(cfg.cluster.n_clusters)), force="train" in force, runner=runner)
     if until == "train":
         return

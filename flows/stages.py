@@ -21,8 +21,8 @@ log = logging.getLogger("cbtm")
 
 
 def _seed_settings(cfg: PipelineConfig) -> dict:
-    # The seed phase (pretrain_tokens) is the pretrain stage's input, not the tokenizer's or the seed's.
-    return {k: v for k, v in hashed_settings(cfg.seed).items() if k != "pretrain_tokens"}
+    # The seed phase (its tokens) is the pretrain stage's input, not the tokenizer's or the seed's.
+    return {k: v for k, v in hashed_settings(cfg.seed).items() if k not in ("pretrain_tokens", "pretrain_share")}
 
 
 def stage_inputs(cfg: PipelineConfig, manifest: Manifest, stage: str, cluster_id: int | None = None,
@@ -43,16 +43,19 @@ def stage_inputs(cfg: PipelineConfig, manifest: Manifest, stage: str, cluster_id
         prev = up("ingest") if stage == "tokenizer" else up("tokenizer")
         return hash_json({"cfg": _seed_settings(cfg), "up": prev})
     if stage == "pretrain":
-        return hash_json({"tokens": cfg.seed.pretrain_tokens, "train": hashed_settings(cfg.train),
+        return hash_json({"tokens": cfg.seed_tokens(), "train": hashed_settings(cfg.train),
                           "seed": up("seed")})
     if stage == "expert":
         return hash_json({"cfg": hashed_settings(cfg.train), "seed": up("seed"), "cluster": up("cluster"),
-                          "pretrain": up("pretrain") if cfg.seed.pretrain_tokens else None,
+                          "pretrain": up("pretrain") if cfg.seed_tokens() else None,
                           "ingest": up("ingest"), "cluster_id": cluster_id, "steps": steps})
     if stage == "train":
         return hash_json({cid: e.get("inputs") for cid, e in sorted(manifest.experts.items())})
+    if stage == "router":
+        return hash_json({"router": cfg.ensemble.router, "cluster": up("cluster"), "tokenizer": up("tokenizer")})
     if stage == "assemble":
-        return hash_json({"cfg": hashed_settings(cfg.ensemble), "train": up("train"), "cluster": up("cluster")})
+        return hash_json({"cfg": hashed_settings(cfg.ensemble), "train": up("train"), "cluster": up("cluster"),
+                          "router": up("router") if cfg.ensemble.router == "prefix" else None})
     raise ValueError(f"unknown stage {stage!r}")
 
 

@@ -15,7 +15,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
-from experts.budget import cluster_token_counts, steps_per_expert
+from experts.budget import cluster_token_counts, expert_budget, steps_per_expert
 from experts.train import train_expert
 from flows.config import PipelineConfig
 from flows.runners import expert_task_options, is_remote
@@ -97,10 +97,11 @@ def train_experts(cfg: PipelineConfig, run: RunDir, manifest: Manifest, cluster_
     (retrain swaps complete experts one by one); ``from_current``: continue from the current experts; ``job``:
     the manifest job each finished expert is marked done in.
     """
-    branch = run.branch_dir(bool(cfg.seed.pretrain_tokens))
+    seed_tokens = cfg.seed_tokens()
+    branch = run.branch_dir(bool(seed_tokens))
     counts = cluster_token_counts(branch, run.corpus_path, run.assignments_path, cfg.cluster.n_clusters,
                                   run.token_cache)
-    steps = steps_per_expert(cfg.train, counts)
+    steps = steps_per_expert(expert_budget(cfg.train, seed_tokens, cfg.cluster.n_clusters), counts)
     todo = {}
     for cid in cluster_ids:
         inputs = stage_inputs(cfg, manifest, "expert", cid, steps[cid])

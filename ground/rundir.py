@@ -115,12 +115,18 @@ def migrate_v1(data: dict, root: Path) -> dict:
     """A schema-1 manifest as schema 2, in memory (the file is rewritten only when the run is next updated).
 
     Schema 1 kept the routing temperature as ``temperature`` (top level and in the ``ensemble`` config section)
-    beside ``top_k``; it was tuned when ``eval/temperature.json`` chose it.
+    beside ``top_k``; it was tuned when ``eval/temperature.json`` chose it. It had no seed phase unless
+    ``seed.pretrain_tokens`` asked for one, and then on top of the training budget (now it is part of it).
     """
     data = json.loads(json.dumps(data))
-    ensemble = data.setdefault("config", {}).setdefault("ensemble", {})
+    config = data.setdefault("config", {})
+    ensemble = config.setdefault("ensemble", {})
     if "temperature" in ensemble:
         ensemble["route_temperature"] = ensemble.pop("temperature")
+    seed, train = config.setdefault("seed", {}), config.setdefault("train", {})
+    seed.setdefault("pretrain_share", 0.0)
+    if seed.get("pretrain_tokens") and train.get("total_tokens"):
+        train["total_tokens"] += seed["pretrain_tokens"]  # the experts keep the budget they were trained with
     temperature, top_k = data.pop("temperature", None), data.pop("top_k", None)
     tuned_file = Path(root) / "eval" / "temperature.json"
     tuned = False

@@ -11,7 +11,6 @@ import pytest
 from cluster.config import CorpusConfig, EmbedConfig
 from cluster.corpus import ingest_corpus, read_documents
 from cluster.embed import (
-    SentenceTransformerEmbedder,
     embed_corpus,
     embed_shard,
     encode_length_sorted,
@@ -19,6 +18,7 @@ from cluster.embed import (
     plan_shards,
     stage_embedder,
 )
+from cluster.minilm import SentenceTransformerEmbedder
 from ground.errors import UserInputError
 from tests.conftest import DEMO, ROOT, demo_records, write_jsonl
 

@@ -59,3 +59,25 @@ def test_cluster_token_counts_match_the_training_streams(seeded, tmp_path):
     tokens = tokenize_corpus(tok, corpus, tmp_path)
     assert counts == {c: len(token_stream(tokens, path, c, "train", len(tok), tmp_path)) for c in range(3)}
     assert counts[2] == 0 and counts[0] > 0 and counts[1] > 0
+
+
+def test_the_seed_phase_is_part_of_the_budget_on_both_sides():
+    from experts.budget import expert_budget, seed_phase_tokens
+    from experts.config import SeedConfig
+
+    train = TrainConfig(batch_size=4, block_size=32, total_tokens=128 * 100)  # 100 steps of 128 tokens
+    seed = seed_phase_tokens(SeedConfig(pretrain_share=0.5), train, n_clusters=4)
+    assert seed == 50 * 128
+    experts = expert_budget(train, seed, 4)
+    assert experts.total_tokens == 50 * 128
+    steps = steps_per_expert(experts, {0: 10_000, 1: 10_000, 2: 5_000, 3: 5_000})
+    assert sum(steps.values()) * 128 + seed == train.total_tokens  # seed phase + experts = the whole budget
+    # Without a total, the budget is k x steps: the experts give up the seed phase's share of their steps.
+    by_steps = TrainConfig(steps=150, batch_size=4, block_size=32)
+    seed = seed_phase_tokens(SeedConfig(pretrain_share=0.5), by_steps, n_clusters=6)
+    assert seed == 450 * 128 and expert_budget(by_steps, seed, 6).steps == 75
+    assert seed_phase_tokens(SeedConfig(pretrain_share=0.0), by_steps, 6) == 0
+    assert expert_budget(by_steps, 0, 6) is by_steps
+    assert seed_phase_tokens(SeedConfig(pretrain_tokens=1000), train, 4) == 7 * 128  # whole steps
+    with pytest.raises(UserInputError, match="takes the whole training budget"):
+        seed_phase_tokens(SeedConfig(pretrain_tokens=10 ** 9), train, 4)

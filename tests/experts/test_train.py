@@ -150,10 +150,9 @@ def test_seed_phase_trains_on_the_whole_corpus_and_experts_branch_from_it(seeded
 
     root, corpus, assignments, seed_dir = seeded
     cfg = TrainConfig(batch_size=2, block_size=16, warmup_steps=1, eval_every=5, precision="fp32")
-    assert pretrain_seed(SeedConfig(model="preset:tiny"), cfg, seed_dir, corpus, tmp_path / "p") == seed_dir
+    assert pretrain_seed(0, cfg, seed_dir, corpus, tmp_path / "p") == seed_dir
     assert not (tmp_path / "p").exists()
-    out = pretrain_seed(SeedConfig(model="preset:tiny", pretrain_tokens=150), cfg, seed_dir, corpus, tmp_path / "p",
-                        show_progress=False)
+    out = pretrain_seed(150, cfg, seed_dir, corpus, tmp_path / "p", show_progress=False)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 5 and rows[-1]["tokens"] == 160  # 150 tokens rounded up to whole steps
     summary = train_expert(TrainConfig(steps=2, batch_size=2, block_size=16, eval_every=2, precision="fp32"), out,
@@ -165,3 +164,6 @@ def test_seed_phase_trains_on_the_whole_corpus_and_experts_branch_from_it(seeded
 def test_seed_config_validates_pretrain_tokens():
     with pytest.raises(UserInputError, match="pretrain_tokens"):
         SeedConfig(pretrain_tokens=-1)
+    for share in (-0.1, 1.0, float("nan")):
+        with pytest.raises(UserInputError, match="pretrain_share"):
+            SeedConfig(pretrain_share=share)

@@ -37,11 +37,13 @@ def test_eval_with_baselines_at_the_same_budget_is_cached_and_reported(run_copy,
     results = json.loads((run_copy / "eval" / "results.json").read_text())
     assert {"dense", "random top-1", "random top-2", "random all experts", "top-1"} <= set(results["systems"])
     parent, dense, rand = RunDir(run_copy), RunDir(run_copy / "baselines/dense"), RunDir(run_copy / "baselines/random")
-    # Same total budget: the parent's 3 x 30 steps, all to the dense model, split by size over random clusters.
-    assert steps(parent) == steps(dense) == steps(rand) == 90
-    assert list(dense.read_manifest().experts) == ["0"] and dense.read_manifest().experts["0"]["steps"] == 90
+    # Same total budget: 3 x 30 steps, of which the shared seed phase took 67 (seed.pretrain_share 0.75); the
+    # rest, 3 x 8 steps for the parent's experts, all to the dense model, split by size over random clusters.
+    seed_steps = json.loads((run_copy / "pretrained" / "expert.json").read_text())["steps"]
+    assert seed_steps == 67 and steps(parent) == steps(dense) == steps(rand) == 24
+    assert list(dense.read_manifest().experts) == ["0"] and dense.read_manifest().experts["0"]["steps"] == 24
     assert train_sizes(rand) == train_sizes(parent)
-    assert results["baselines"]["dense"]["budget_tokens"] == 90 * 4 * 32 and "Baseline dense" in out
+    assert results["baselines"]["dense"]["budget_tokens"] == 24 * 4 * 32 and "Baseline dense" in out
     # Every system is reported on the parent's clusters, with token counts that match across systems.
     assert set(results["systems"]["dense"]["per_cluster"]) <= {"0", "1", "2"}
     assert results["systems"]["dense"]["tokens"] == results["systems"]["top-1"]["tokens"]

@@ -5,6 +5,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from experts.budget import expert_budget
 from flows import pipeline, training
 from flows.cli import main
 from flows.runners import check_reachable, parse_spec
@@ -42,14 +43,15 @@ def test_an_expert_failing_for_good_is_named_and_the_others_are_kept(built_run, 
                                                                      flaky_training):
     fail, calls = flaky_training
     run_dir = shutil.copytree(built_run, tmp_path / "run")
-    cfg = tiny_config(slice_corpus).with_overrides(["train.steps=12"])  # every expert must retrain
+    cfg = tiny_config(slice_corpus).with_overrides(["train.steps=60"])  # every expert must retrain
     fail[1] = 99
     with pytest.raises(RuntimeError, match="expert 1"):
         pipeline.build(cfg.to_dict(), str(run_dir))
     assert calls.count(1) == 3  # first try + 2 retries
     manifest = pipeline.RunDir(run_dir).read_manifest()
-    assert manifest.experts["0"]["steps"] == 12 and manifest.experts["2"]["steps"] == 12
-    assert manifest.experts["1"]["steps"] != 12  # the old expert 1 is still there, untouched
+    new = expert_budget(cfg.train, cfg.seed_tokens(), 3).steps  # 60 steps each, less the seed phase's share
+    assert manifest.experts["0"]["steps"] == new and manifest.experts["2"]["steps"] == new
+    assert manifest.experts["1"]["steps"] != new  # the old expert 1 is still there, untouched
     assert not (run_dir / "DONE").exists()
 
 

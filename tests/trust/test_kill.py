@@ -19,7 +19,8 @@ pytestmark = pytest.mark.faults
 
 KILLED = -signal.SIGKILL
 BUILD_POINTS = ["stage:ingest", "stage:embed", "stage:cluster", "stage:tokenizer", "stage:seed",
-                "expert:run:0", "step:expert 1@12", "stage:train", "stage:assemble"]
+                "step:seed phase@33", "stage:pretrain", "expert:run:0", "step:expert 1@6", "stage:train",
+                "stage:assemble"]
 
 
 def finished(run: RunDir) -> list[str]:
@@ -55,7 +56,7 @@ def test_after_every_kill_the_finished_artifacts_are_never_rewritten(killed_buil
     for point, before, after in history:
         assert after == before, f"after the kill at {point}, finished artifacts were rewritten"
     assert {p for p, _, _ in history} == {*BUILD_POINTS, "finish"}
-    assert any("experts/0/model.safetensors" in before for _, before, _ in history[6:])  # expert 0 kept
+    assert any("experts/0/model.safetensors" in before for _, before, _ in history[8:])  # expert 0 kept
 
 
 def test_the_killed_build_finishes_and_answers(killed_build):
@@ -63,7 +64,9 @@ def test_the_killed_build_finishes_and_answers(killed_build):
     assert run.done_path.exists()
     manifest = run.read_manifest()
     assert set(manifest.experts) == {"0", "1", "2"} and not manifest.jobs
-    assert manifest.experts["1"]["resumed_from"] == 10  # killed at step 12, resumed from its step-10 checkpoint
+    assert manifest.experts["1"]["resumed_from"] == 5  # killed at step 6, resumed from its step-5 checkpoint
+    seed = json.loads((run.pretrained_dir / "expert.json").read_text())
+    assert seed["resumed_from"] == 30  # the seed phase too: killed at step 33, resumed from step 30
     assert not run.checkpoints_root.exists()
     ens = Ensemble.load(run.root)
     assert isinstance(ens.generate("Bread dough should rise", max_new_tokens=4), str)

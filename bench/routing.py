@@ -1,0 +1,80 @@
+"""Routing from short prompts: centroid routing against the prefix router, on a finished run.
+
+    python bench/routing.py RUN [--docs 300] [--eval-chars 3000]
+
+For the held-out documents of RUN (each document's own cluster: its nearest centroid), the top-1 expert chosen
+from its first 8/16/32/64/128/256 tokens by centroid routing and by the prefix router (fitted into RUN/router
+first if the run has none), and the held-out perplexity of the ensemble at top-1 and top-2 with each router
+(`cbtm eval`'s protocol: a token's weights come from the text before it). Targets (20 Newsgroups): the prefix
+router agrees >= 0.90 at 16 tokens and >= 0.95 at 32; top-1 perplexity >= 3% lower than with centroid routing.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cluster.corpus import read_documents  # noqa: E402
+from ensemble import Ensemble  # noqa: E402
+from flows.config import PipelineConfig  # noqa: E402
+from flows.routing_stage import train_router  # noqa: E402
+from ground.rundir import RunDir  # noqa: E402
+
+LENGTHS = (8, 16, 32, 64, 128, 256)
+
+
+def ensure_router(run: RunDir) -> None:
+    if not (run.router_dir / "settings.json").exists():
+        cfg = PipelineConfig.from_dict(run.read_manifest().config)
+        start = time.perf_counter()
+        train_router(run.corpus_path, run.clusters_dir, run.tokenizer_dir, cfg.embed, run.embeddings_dir,
+                     run.router_dir)
+        print(f"fitted the prefix router in {time.perf_counter() - start:.0f} s")
+
+
+def agreement(ens: Ensemble, texts: list[str], own: np.ndarray) -> dict[int, float]:
+    out = {}
+    for n in LENGTHS:
+        prefixes = [ens.tokenizer.decode(ens.encode(t)[:n]) for t in texts]
+        top = np.array([r[0][0] for r in ens.route(prefixes, top_k=1)])
+        out[n] = float((top == own).mean())
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", type=Path)
+    p.add_argument("--docs", type=int, default=300, help="held-out documents (seeded sample)")
+    p.add_argument("--eval-chars", type=int, default=3000, help="each document cut to this many characters")
+    args = p.parse_args()
+    run = RunDir(args.run)
+    ensure_router(run)
+    docs = read_documents(run.corpus_path, split="heldout", columns=["text"]).column("text").to_pylist()
+    rng = np.random.default_rng(0)
+    texts = [docs[i][: args.eval_chars] for i in np.sort(rng.permutation(len(docs))[: args.docs])]
+    systems = {name: Ensemble.load(run.root, router=name) for name in ("centroid", "prefix")}
+    own = np.array([r[0][0] for r in systems["centroid"].route(texts, top_k=1)])  # each text's own cluster
+    print(f"{run.root}: {len(texts)} held-out documents, {systems['centroid'].n_experts} experts")
+    print(f"{'router':<9} " + " ".join(f"{n:>6}" for n in LENGTHS) + f" {'ppl top-1':>10} {'ppl top-2':>10}")
+    ppl = {}
+    for name, ens in systems.items():
+        agree = agreement(ens, texts, own)
+        ppl[name] = [ens.perplexity(texts, top_k=k) for k in (1, 2)]
+        print(f"{name:<9} " + " ".join(f"{agree[n]:>6.3f}" for n in LENGTHS) + f" {ppl[name][0]:>10.2f} "
+              f"{ppl[name][1]:>10.2f}")
+        if name == "prefix":
+            print(f"  prefix router >= 0.90 at 16 tokens: {'met' if agree[16] >= 0.90 else 'MISSED'} "
+                  f"({agree[16]:.3f}); >= 0.95 at 32: {'met' if agree[32] >= 0.95 else 'MISSED'} ({agree[32]:.3f})")
+    gain = 1 - ppl["prefix"][0] / ppl["centroid"][0]
+    print(f"  top-1 perplexity with the prefix router {100 * gain:+.1f}% vs centroid routing: "
+          f"{'met' if gain >= 0.03 else 'MISSED'} (target >= 3% lower)")
+
+
+if __name__ == "__main__":
+    main()

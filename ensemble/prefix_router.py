@@ -1,0 +1,234 @@
+"""The prefix router: which expert should continue a text, learned from the first tokens of training documents.
+
+Centroid routing needs an embedding with enough text behind it; on the first 8-32 tokens of a document it picks
+the document's own cluster far less often than on 256 (SmallTalk LM, ICLR 2025, beat c-BTM's routing with small
+routers trained on prefixes). This router is a multinomial logistic regression trained on prefixes of 8-256
+tokens of the training documents, each labelled with the cluster the whole document is routed to. It starts
+from centroid routing and corrects it where prefixes are short; its features:
+
+- the prefix's routing embedding (the run's embedder) and its squared distances to the centroids, the
+  distances also once per prefix-length bucket (so that it learns how far to trust them at each length);
+- hashed unigrams and bigrams of the experts' own tokens (names, headers, jargon that short prefixes share).
+
+Its temperature is fitted on held-out prefixes, so that its probabilities are calibrated. Saved in the run's
+``router/`` directory, open formats only: settings.json, coef.npy (float32 [k, F]), intercept.npy (float32 [k]).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from cluster.kmeans import squared_distances
+from ground.errors import IncompatibleRunError
+from ground.files import atomic_dir
+
+log = logging.getLogger(__name__)
+
+FORMAT = "cbtm-prefix-router"
+N_HASHED = 1 << 16
+PREFIX_LENGTHS = (8, 16, 32, 64, 128, 256)
+PREFIX_CHARS = 4000  # characters of a document tokenized to cut its prefixes from (>= 256 tokens)
+MAX_DOCS = 4000      # training documents the router learns from
+PER_DOC = 4          # prefixes of different lengths per training document
+CENTROID_T = 0.1     # the centroid routing the router starts from: -d^2 / CENTROID_T
+L2_GRID = (1e-3, 1e-2, 1e-1)  # penalties tried; the one with the best held-out likelihood is kept
+_PRIME = 1_000_003
+
+
+def hashed_ngrams(token_ids: list[list[int]], n_features: int = N_HASHED):
+    """Hashed unigram + bigram counts of each token sequence, log-scaled, rows L2-normalised: a scipy CSR
+    float32 [n, n_features]."""
+    from scipy.sparse import csr_matrix
+
+    rows, cols, vals = [], [], []
+    for r, ids in enumerate(token_ids):
+        ids = np.asarray(ids, dtype=np.int64)
+        keys = np.concatenate([ids % n_features, (ids[:-1] * _PRIME + ids[1:] + 7) % n_features]) \
+            if len(ids) > 1 else ids % n_features
+        uniq, counts = np.unique(keys, return_counts=True)
+        weights = np.log1p(counts).astype(np.float32)
+        weights /= max(float(np.linalg.norm(weights)), 1e-12)
+        rows.append(np.full(len(uniq), r))
+        cols.append(uniq)
+        vals.append(weights)
+    if not rows:
+        return csr_matrix((0, n_features), dtype=np.float32)
+    return csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                      shape=(len(token_ids), n_features), dtype=np.float32)
+
+
+def length_bucket(n_tokens: np.ndarray) -> np.ndarray:
+    """Index of the nearest PREFIX_LENGTHS entry (on a log scale) of each length."""
+    logs = np.log(np.asarray(PREFIX_LENGTHS, dtype=np.float64))
+    return np.abs(np.log(np.maximum(np.asarray(n_tokens, dtype=np.float64), 1.0))[:, None] - logs[None]).argmin(1)
+
+
+def prefix_features(vectors: np.ndarray, centroids: np.ndarray, token_ids: list[list[int]]):
+    """The router's features of prefixes: [embedding, -d^2 to each centroid, -d^2 x length bucket, hashed
+    n-grams], a CSR float32 matrix [n, dim + k + 6k + N_HASHED]."""
+    from scipy.sparse import csr_matrix, hstack
+
+    d2 = -squared_distances(vectors, centroids)
+    onehot = np.eye(len(PREFIX_LENGTHS), dtype=np.float32)[length_bucket([len(t) for t in token_ids])]
+    by_length = (d2[:, :, None] * onehot[:, None, :]).reshape(len(d2), -1)
+    dense = np.hstack([vectors, d2, by_length]).astype(np.float32)
+    return hstack([csr_matrix(dense), hashed_ngrams(token_ids)], format="csr")
+
+
+def _documents(corpus_path: Path, assignments_path: Path, split: str, column: str, limit: int, rng):
+    docs = pq.read_table(corpus_path, columns=["id", "text", "split"], filters=[("split", "=", split)])
+    assign = pq.read_table(assignments_path, columns=["id", column])
+    label = dict(zip(assign.column("id").to_pylist(), assign.column(column).to_pylist()))
+    ids, texts = docs.column("id").to_pylist(), docs.column("text").to_pylist()
+    order = rng.permutation(len(ids))[:limit]
+    return [texts[i][:PREFIX_CHARS] for i in order], [int(label[ids[i]]) for i in order]
+
+
+def _prefixes(encoded: list[list[int]], labels: list[int], rng) -> tuple[list[list[int]], np.ndarray]:
+    """PER_DOC prefixes per document, of lengths drawn from PREFIX_LENGTHS (a shorter document: its whole text)."""
+    out, y = [], []
+    for ids, label in zip(encoded, labels):
+        for length in rng.choice(PREFIX_LENGTHS, size=PER_DOC, replace=False):
+            if ids:
+                out.append(ids[:length])
+                y.append(label)
+    return out, np.asarray(y, dtype=np.int64)
+
+
+def fit_prefix_router(corpus_path: Path, assignments_path: Path, centroids: np.ndarray,
+                      embed: Callable[[list[str]], np.ndarray], encode: Callable[[list[str]], list[list[int]]],
+                      decode: Callable[[list[int]], str], out_dir: Path, seed: int = 0) -> dict:
+    """Fit the router on prefixes of (at most MAX_DOCS) training documents, calibrate its temperature on
+    held-out prefixes, and write it to ``out_dir`` (atomically). Returns its settings.json, which also gives the
+    held-out top-1 agreement with each document's own cluster, per prefix length, for the router and for plain
+    centroid routing."""
+    rng = np.random.default_rng(seed)
+    k = len(centroids)
+    # Labelled by each document's nearest centroid: what full-text routing picks (a balanced training
+    # assignment moves documents to a farther cluster only to even out the experts' data).
+    texts, labels = _documents(corpus_path, assignments_path, "train", "cluster_id", MAX_DOCS, rng)
+    held, held_labels = _documents(corpus_path, assignments_path, "heldout", "cluster_id", MAX_DOCS // 4, rng)
+    if len(held) < 20:  # too few held-out documents: calibrate on a tenth of the training ones instead
+        cut = max(1, len(texts) // 10)
+        held, held_labels, texts, labels = texts[:cut], labels[:cut], texts[cut:], labels[cut:]
+    x_ids, y = _prefixes(encode(texts), labels, rng)
+    h_ids, hy = _prefixes(encode(held), held_labels, rng)
+    x = prefix_features(embed([decode(t) for t in x_ids]), centroids, x_ids)
+    h_vectors = embed([decode(t) for t in h_ids])
+    h_x = prefix_features(h_vectors, centroids, h_ids)
+    fits = []
+    for l2 in L2_GRID:  # the penalty that predicts held-out prefixes best (calibrated log-likelihood)
+        coef, intercept = fit_residual(x, y, k, l2)
+        raw = _raw_logits(h_x, coef, intercept)
+        tau, nll = _calibrate(raw, hy)
+        fits.append((nll, l2, coef, intercept, raw, tau))
+    _, l2, coef, intercept, raw, tau = min(fits, key=lambda f: f[0])
+    lengths = np.asarray(PREFIX_LENGTHS)[length_bucket([len(t) for t in h_ids])]
+    nearest = squared_distances(h_vectors, centroids).argmin(1)
+    info = {"format": FORMAT, "version": 1, "n_features": int(x.shape[1]), "n_clusters": k, "temperature": tau,
+            "l2": l2,
+            "prefix_lengths": list(PREFIX_LENGTHS), "train_prefixes": len(x_ids), "heldout_prefixes": len(h_ids),
+            "heldout_top1_agreement": _agreement(raw.argmax(1), hy, lengths),
+            "heldout_top1_agreement_centroid": _agreement(nearest, hy, lengths)}
+    with atomic_dir(Path(out_dir)) as tmp:
+        np.save(tmp / "coef.npy", coef)
+        np.save(tmp / "intercept.npy", intercept)
+        (tmp / "settings.json").write_text(json.dumps(info, indent=2) + "\n")
+    log.info("router: prefix router on %d prefixes, temperature %.3f, held-out top-1 agreement %s (centroid %s)",
+             len(x_ids), tau, info["heldout_top1_agreement"], info["heldout_top1_agreement_centroid"])
+    return info
+
+
+def fit_residual(x, y: np.ndarray, k: int, l2: float, steps: int = 60) -> tuple[np.ndarray, np.ndarray]:
+    """Multinomial logistic regression on top of centroid routing: logits = -d^2 / T0 + x W + b, W and b
+    L2-penalised, so that with no evidence the router is the centroid router (its d^2 columns are in ``x``).
+    Full-batch L-BFGS (torch, sparse ``x``). Returns (coef float32 [k, F] with the -d^2/T0 part folded into the
+    d^2 columns, intercept float32 [k])."""
+    import torch
+
+    x = x.tocoo()
+    xt = torch.sparse_coo_tensor(np.vstack([x.row, x.col]), x.data, x.shape, dtype=torch.float32,
+                                 check_invariants=False).coalesce()
+    dim = x.shape[1] - N_HASHED - 7 * k  # the embedding's width: the d^2 columns follow it
+    base = torch.zeros(x.shape[1], k)
+    base[dim:dim + k] = torch.eye(k) / CENTROID_T
+    target = torch.as_tensor(y, dtype=torch.long)
+    w = torch.zeros(x.shape[1], k, requires_grad=True)
+    b = torch.zeros(k, requires_grad=True)
+    optimizer = torch.optim.LBFGS([w, b], max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        logits = torch.sparse.mm(xt, base + w) + b
+        loss = torch.nn.functional.cross_entropy(logits, target) + l2 * (w.pow(2).sum() + b.pow(2).sum())
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    seen = np.bincount(y, minlength=k) > 0
+    intercept = b.detach().numpy().astype(np.float32)
+    intercept[~seen] = -30.0  # a cluster without training documents is never chosen
+    return (base + w).detach().numpy().T.astype(np.float32), intercept
+
+
+def _agreement(predicted: np.ndarray, labels: np.ndarray, lengths: np.ndarray) -> dict:
+    return {str(n): round(float((predicted[lengths == n] == labels[lengths == n]).mean()), 4)
+            for n in PREFIX_LENGTHS if (lengths == n).any()}
+
+
+def _raw_logits(x, coef: np.ndarray, intercept: np.ndarray) -> np.ndarray:
+    return np.asarray(x @ coef.T, dtype=np.float64) + intercept[None, :]
+
+
+def _calibrate(raw: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(tau, its negative log-likelihood): the temperature minimising the held-out NLL of softmax(raw / tau)."""
+    if not len(labels):
+        return 1.0, 0.0
+    best, best_nll = 1.0, np.inf
+    for tau in np.exp(np.linspace(np.log(0.05), np.log(20.0), 61)):
+        z = raw / tau
+        z = z - z.max(1, keepdims=True)
+        nll = float(-(z[np.arange(len(z)), labels] - np.log(np.exp(z).sum(1))).mean())
+        if nll < best_nll:
+            best, best_nll = float(tau), nll
+    return best, best_nll
+
+
+class PrefixRouter:
+    """Routing by the fitted prefix classifier: a text's logits are its calibrated log-probabilities per cluster
+    (up to a constant), so that ``route_temperature`` 1 gives the calibrated probabilities."""
+
+    kind = "prefix"
+    default_temperature = 1.0
+    context_tokens = 256  # a text is routed by its last this many tokens
+    early_starts = (8, 16)  # scoring: routed after 8 and 16 tokens already, not only from the first window on
+
+    def __init__(self, directory: Path, centroids: np.ndarray, embed: Callable[[list[str]], np.ndarray],
+                 encode: Callable[[str], list[int]], decode: Callable[[list[int]], str]):
+        directory = Path(directory)
+        try:
+            self.info = json.loads((directory / "settings.json").read_text())
+            self.coef = np.load(directory / "coef.npy", allow_pickle=False)
+            self.intercept = np.load(directory / "intercept.npy", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise IncompatibleRunError(f"the prefix router in {directory} is missing or damaged "
+                                       f"({type(exc).__name__}): rebuild it with `cbtm run --out RUN`") from exc
+        if self.info.get("format") != FORMAT or self.coef.shape != (len(centroids), self.info["n_features"]):
+            raise IncompatibleRunError(f"the prefix router in {directory} does not fit this run's clusters: rebuild "
+                                       "it with `cbtm run --out RUN --force cluster`")
+        self.centroids, self.embed, self.encode, self.decode = np.asarray(centroids, np.float32), embed, encode, decode
+        self.tau = float(self.info["temperature"])
+
+    def vectors(self, texts: list[str]):
+        """The router's features of each text's last `context_tokens` tokens (CSR float32 [n, n_features])."""
+        ids = [self.encode(t)[-self.context_tokens:] for t in texts]
+        return prefix_features(self.embed([self.decode(t) for t in ids]), self.centroids, ids)
+
+    def logits(self, vectors, columns: np.ndarray) -> np.ndarray:
+        """Calibrated logits float64 [n, len(columns)] of each text over the listed clusters."""
+        return _raw_logits(vectors, self.coef[columns], self.intercept[columns]) / self.tau
