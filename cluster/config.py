@@ -49,7 +49,7 @@ class EmbedConfig:
 
     # "sentence-transformers", "tfidf" (tf-idf + truncated SVD + L2, the c-BTM paper's recipe) or "hybrid" (both,
     # each block unit-normalised; hybrid_weight is the sentence block's share of a squared distance)
-    kind: str = "sentence-transformers"
+    kind: str = "hybrid"
     model: str = DEFAULT_EMBEDDER
     batch_size: int = 32
     shard_size: int = 10_000

@@ -35,7 +35,7 @@ class EnsembleConfig:
     top_k: int = 2
     route_temperature: float | None = None
     route_window: int = 32
-    router: str = "centroid"
+    router: str = "prefix"
 
     def __post_init__(self) -> None:
         check_fields(self, "ensemble")

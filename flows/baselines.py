@@ -151,7 +151,7 @@ def _derived_manifest(parent: RunDir, pm: Manifest, cfg: PipelineConfig, run: Ru
         shutil.copytree(parent.embeddings_dir / "tfidf", run.embeddings_dir / "tfidf", dirs_exist_ok=True)
     if cfg.ensemble.router == "prefix":  # its own clusters: its own router
         train_router(parent.corpus_path, run.clusters_dir, run.tokenizer_dir, cfg.embed, parent.embeddings_dir,
-                     run.router_dir)
+                     run.router_dir, parent.router_cache)
     run.record_stage(manifest, "cluster", key, hash_path(run.clusters_dir))
     return manifest
 

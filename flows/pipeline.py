@@ -211,7 +211,8 @@ def _build_stages(cfg: PipelineConfig, run: RunDir, manifest: Manifest, until: s
     if cfg.ensemble.router == "prefix":
         run_stage(run, manifest, "router", stage_inputs(cfg, manifest, "router"),
                   lambda: router_task(run.corpus_path, run.clusters_dir, run.tokenizer_dir, cfg.embed,
-                                      run.embeddings_dir, run.router_dir), force="cluster" in force)
+                                      run.embeddings_dir, run.router_dir, run.router_cache),
+                  force="cluster" in force)
     train_experts(cfg, run, manifest, list(range(cfg.cluster.n_clusters)), force="train" in force, runner=runner)
     if until == "train":
         return

@@ -1,6 +1,8 @@
 """The router stage: fit the prefix router of a run (or of a run derived from it) on its clusters."""
 from __future__ import annotations
 
+import hashlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -9,18 +11,32 @@ from cluster.config import EmbedConfig
 from cluster.embed import load_embedder
 from ensemble.prefix_router import fit_prefix_router
 from experts.tokenizer import open_tokenizer
+from ground.files import atomic_write_bytes
 
 
 def train_router(corpus_path: Path, clusters_dir: Path, tokenizer_dir: Path, embed_cfg: EmbedConfig,
-                 embeddings_dir: Path, out_dir: Path) -> dict:
+                 embeddings_dir: Path, out_dir: Path, cache_dir: Path | None = None) -> dict:
     """`ensemble.prefix_router.fit_prefix_router` with the run's embedder, centroids and shared tokenizer;
-    returns its settings (with held-out agreement per prefix length)."""
+    returns its settings (with held-out agreement per prefix length). ``cache_dir``: where the embeddings of the
+    sampled prefixes are kept, so that runs derived from one corpus (baselines, other k) embed them once."""
     tokenizer = open_tokenizer(tokenizer_dir)
     embedder = load_embedder(embed_cfg, embeddings_dir)
 
     def encode(texts: list[str]) -> list[list[int]]:
         return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
+    def embed(texts: list[str]) -> np.ndarray:
+        if cache_dir is None:
+            return embedder.encode(texts)
+        key = hashlib.sha256("\0".join([str(embeddings_dir), *texts]).encode()).hexdigest()[:24]
+        path = Path(cache_dir) / f"prefixes-{key}.npy"
+        if path.exists():
+            return np.load(path)
+        vectors = embedder.encode(texts)
+        buffer = io.BytesIO()
+        np.save(buffer, vectors)
+        atomic_write_bytes(path, buffer.getvalue())
+        return vectors
+
     return fit_prefix_router(corpus_path, Path(clusters_dir) / "assignments.parquet",
-                             np.load(Path(clusters_dir) / "centroids.npy"), embedder.encode, encode,
-                             tokenizer.decode, out_dir)
+                             np.load(Path(clusters_dir) / "centroids.npy"), embed, encode, tokenizer.decode, out_dir)

@@ -123,6 +123,7 @@ def migrate_v1(data: dict, root: Path) -> dict:
     ensemble = config.setdefault("ensemble", {})
     if "temperature" in ensemble:
         ensemble["route_temperature"] = ensemble.pop("temperature")
+    ensemble.setdefault("router", "centroid")  # schema 1 had no other router
     seed, train = config.setdefault("seed", {}), config.setdefault("train", {})
     seed.setdefault("pretrain_share", 0.0)
     if seed.get("pretrain_tokens") and train.get("total_tokens"):
@@ -163,6 +164,7 @@ class RunDir:
     experts_root = property(lambda self: self.root / "experts")
     checkpoints_root = property(lambda self: self.root / "checkpoints")
     token_cache = property(lambda self: self.root / ".cache" / "tokens")  # hidden: in no content hash
+    router_cache = property(lambda self: self.root / ".cache" / "router")  # embedded prefixes of the router
     eval_dir = property(lambda self: self.root / "eval")
     results_path = property(lambda self: self.root / "eval" / "results.json")
     temperature_path = property(lambda self: self.root / "eval" / "temperature.json")

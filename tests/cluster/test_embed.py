@@ -40,7 +40,7 @@ def test_real_minilm_gives_unit_vectors_that_separate_domains(embedder):
 def test_embed_corpus_writes_shards_and_resumes_without_recomputing(tmp_path, embedder):
     corpus = ingest_corpus(CorpusConfig(path=str(write_jsonl(tmp_path / "c.jsonl", demo_records(4)))),
                            tmp_path / "docs.parquet")
-    out = embed_corpus(EmbedConfig(shard_size=5), corpus, tmp_path / "emb", embedder)
+    out = embed_corpus(EmbedConfig(kind="sentence-transformers", shard_size=5), corpus, tmp_path / "emb", embedder)
     meta = json.loads((out / "meta.json").read_text())
     assert meta["n_shards"] == 3 and meta["n_docs"] == 12 and meta["dim"] == 384
     ids, vecs = load_embeddings(out)
@@ -50,7 +50,7 @@ def test_embed_corpus_writes_shards_and_resumes_without_recomputing(tmp_path, em
     first = out / "shard-00000.npy"
     os.utime(first, (1, 1))
     (out / "shard-00002.npy").unlink()
-    embed_corpus(EmbedConfig(shard_size=5), corpus, out, embedder)
+    embed_corpus(EmbedConfig(kind="sentence-transformers", shard_size=5), corpus, out, embedder)
     assert first.stat().st_mtime == 1 and (out / "shard-00002.npy").exists()
     np.testing.assert_allclose(load_embeddings(out)[1], vecs)
 

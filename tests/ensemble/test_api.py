@@ -35,20 +35,30 @@ def hf_logprobs(ens, expert, ids):
 
 
 def reference_weights(ens, ids, top_k):
-    """Window weights [n_tokens, n_clusters] from first principles: the first window by cluster size, each
-    later window by softmax(-d^2/T) over the embedding of (at most 256) tokens before it, top-k renormalised."""
+    """Window weights [n_tokens, n_clusters] from first principles: the tokens before the first routing point by
+    cluster size, each span after by softmax(-d^2/T) over the embedding of (at most 256) tokens before it (the
+    centroid router), or by the router's own `route` of that context (the prefix router, which routes after 8
+    and 16 tokens already), top-k renormalised."""
     window, temperature = ens.route_window, ens.route_temperature
     sizes = json.loads((ens.run.clusters_dir / "clusters.json").read_text())["clusters"]
     prior = np.array([c["size_train_balanced"] for c in sizes], float)
     w = np.zeros((len(ids), ens.n_clusters))
-    w[:window] = prior / prior.sum()
+    w[:] = prior / prior.sum()
     centroids = np.load(ens.run.clusters_dir / "centroids.npy")
-    for start in range(window, len(ids), window):
-        v = ens.embed([ens.tokenizer.decode(ids[max(0, start - 256):start])])[0]
+    starts = sorted({*(8, 16), *range(window, len(ids), window)}) if ens._view.router.kind == "prefix" else \
+        list(range(window, len(ids), window))
+    for start, end in zip(starts, [*starts[1:], len(ids)]):
+        context = ens.tokenizer.decode(ids[max(0, start - 256):start])
+        w[start:end] = 0
+        if ens._view.router.kind == "prefix":
+            for c, weight in ens.route(context, top_k=top_k):
+                w[start:end, c] = weight
+            continue
+        v = ens.embed([context])[0]
         logits = -((v[None] - centroids) ** 2).sum(1) / temperature
         keep = np.argsort(-logits, kind="stable")[:top_k]
         p = np.exp(logits[keep] - logits[keep].max())
-        w[start:start + window, keep] = p / p.sum()
+        w[start:end, keep] = p / p.sum()
     return w
 
 
@@ -86,9 +96,10 @@ def test_only_the_routed_experts_are_loaded(built_run):
     assert sum(e["loaded"] for e in bounded.experts) == 1
 
 
-@pytest.mark.parametrize("backend", ["stacked", "sequential"])
-def test_scores_are_the_routed_mixture_of_the_experts_own_probabilities(built_run, backend):
-    ens = Ensemble.load(built_run, backend=backend)
+@pytest.mark.parametrize("backend,router", [("stacked", "centroid"), ("sequential", "centroid"),
+                                            ("stacked", "prefix")])
+def test_scores_are_the_routed_mixture_of_the_experts_own_probabilities(built_run, backend, router):
+    ens = Ensemble.load(built_run, backend=backend, router=router)
     text = "Knead the dough for ten minutes. " * 3 + "The striker scored a late goal in the league match."
     ids = ens.encode(text)
     assert len(ids) > 2 * ens.route_window

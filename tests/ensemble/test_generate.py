@@ -119,7 +119,7 @@ def test_tuning_scores_each_temperature_like_scoring_at_that_temperature(ens):
     per = np.stack([ens.score(texts, top_k=1, experts=[c])[0] for c in range(3)], axis=1)
     uniform = np.logaddexp.reduce(per[w:] + np.log(1 / 3), axis=1)
     got = ens.score(texts, top_k=3, route_temperature=1e6)[0]
-    np.testing.assert_allclose(got[w:], uniform, rtol=1e-6)
+    np.testing.assert_allclose(got[w:], uniform, rtol=1e-4)
     assert len(got) == len(ids)
     assert result["best"] == min(ppl, key=ppl.get)
 

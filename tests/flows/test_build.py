@@ -16,7 +16,9 @@ from tests.conftest import tiny_config, write_jsonl
 EXPECTED_FILES = {
     "DONE", "manifest.json", "config.toml", "report.md", "corpus/docs.parquet", "corpus/ingest.json",
     "embeddings/meta.json", "embeddings/embedder.json", "embeddings/shard-00000.npy",
-    "embeddings/shard-00000.ids.json",
+    "embeddings/shard-00000.ids.json", "embeddings/tfidf/settings.json", "embeddings/tfidf/vocabulary.json",
+    "embeddings/tfidf/idf.npy", "embeddings/tfidf/components.npy",
+    "router/settings.json", "router/coef.npy", "router/intercept.npy",
     "clusters/centroids.npy", "clusters/assignments.parquet", "clusters/clusters.json",
     "plots/cluster_sizes.png", "plots/cluster_map.png", "plots/cluster_labels.png", "plots/loss_curves.png",
     "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json",
@@ -44,11 +46,11 @@ def test_build_writes_the_run_directory_contract(built_run):
     assert files(built_run) == EXPECTED_FILES
     manifest = json.loads((built_run / "manifest.json").read_text())
     assert manifest["format"] == "cbtm-run" and manifest["schema_version"] == 2
-    assert set(manifest["stages"]) == {"ingest", "embed", "cluster", "tokenizer", "seed", "pretrain", "train",
-                                       "assemble"}
+    assert set(manifest["stages"]) == {"ingest", "embed", "cluster", "tokenizer", "seed", "pretrain", "router",
+                                       "train", "assemble"}
     assert {k: v["path"] for k, v in manifest["experts"].items()} == {str(i): f"experts/{i}" for i in range(3)}
     assert manifest["embedder"] == "all-MiniLM-L6-v2"
-    assert manifest["routing"] == {"route_temperature": {"value": 0.1, "source": "config"},
+    assert manifest["routing"] == {"route_temperature": {"value": 1.0, "source": "config"},
                                    "top_k": {"value": 2, "source": "config"}}
     assert {"torch", "transformers", "prefect"} <= set(manifest["versions"])
     for cid, entry in manifest["experts"].items():
