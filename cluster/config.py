@@ -105,3 +105,25 @@ class ClusterConfig:
                 f"cluster.sample_size ({self.sample_size}) must be >= the number of clusters ({self.n_clusters})")
         if self.n_init < 1:
             raise UserInputError(f"cluster.n_init must be >= 1, got {self.n_init}")
+
+
+AUTO_NEW_K = (2, 4, 8, 16, 32)  # candidates of `cbtm add --new-clusters auto`, as `cbtm run --clusters auto`
+
+
+@dataclass
+class GrowConfig:
+    """How `cbtm add` places new documents: a document joins its nearest cluster when its squared distance to
+    that centroid is at most the ``join_percentile``-th percentile of the cluster's own training distances;
+    the rest form ``new_clusters`` new clusters (None: chosen by silhouette among AUTO_NEW_K; 0: none, every
+    new document joins its nearest cluster)."""
+
+    join_percentile: float = 95.0
+    new_clusters: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_fields(self, "add")
+        if not 0.0 < self.join_percentile <= 100.0:
+            raise UserInputError(f"--join-percentile must be in (0, 100], got {self.join_percentile}")
+        if self.new_clusters is not None and self.new_clusters < 0:
+            raise UserInputError(f"--new-clusters must be auto or a whole number >= 0, got {self.new_clusters}")

@@ -105,6 +105,8 @@ class Ensemble:
                 changed = []
             else:
                 changed = self._pool.swap(pins)
+                if self.max_loaded_experts is None and hasattr(self.backend, "capacity"):
+                    self.backend.capacity = max(self.backend.capacity, len(pins))  # `cbtm add` grew the run
             self._view = view
         if changed:
             log.info("reload: expert(s) %s changed", changed)

@@ -167,3 +167,15 @@ class SequentialBackend:
             for i in idx:
                 out[i] = expert_logprobs(model, jobs[i][1], self.max_positions, self.device)
         return out
+
+    def tail_probs(self, jobs: list[tuple[int, list[int], int]]) -> list:
+        """Next-token probabilities (float32 tensors [m, vocab]) predicting the last m tokens of each
+        (cluster_id, ids, m) job; ids must fit max_positions."""
+        import torch
+
+        out: list = [None] * len(jobs)
+        for i, (expert, ids, m) in enumerate(jobs):
+            with torch.inference_mode():
+                logits = self.models(int(expert))(input_ids=torch.tensor([ids], device=self.device)).logits[0]
+            out[i] = torch.softmax(logits[len(ids) - 1 - m:len(ids) - 1].float(), dim=-1)
+        return out

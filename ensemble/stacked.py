@@ -231,9 +231,9 @@ def causal_attention(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
 
 
-def score_lanes(stack: Stack, weights: dict, groups: list[int], seqs: list[list[int]]) -> list[np.ndarray]:
-    """log p(seq[t] | seq[:t]) (float64 [len - 1]) of each lane's sequence under its expert, one forward for
-    all lanes (each sequence at most max_positions tokens, no cache kept)."""
+def _lane_logprobs(stack: Stack, weights: dict, groups: list[int], seqs: list[list[int]]):
+    """(next-token log-probabilities float32 [n, length, vocab], tokens int64 [n, length]) of each lane's
+    sequence under its expert, one forward for all lanes (each at most max_positions tokens, no cache kept)."""
     import torch
 
     layout = Layout.of(groups, len(weights["slots"]), stack.device)
@@ -244,9 +244,21 @@ def score_lanes(stack: Stack, weights: dict, groups: list[int], seqs: list[list[
     tokens = tokens.to(stack.device)
     positions = torch.arange(length, device=stack.device).expand(len(seqs), length)
     x = hidden_states(stack, weights, layout, tokens, positions, lambda li, q, k, v: causal_attention(q, k, v))
-    logp = torch.log_softmax(layout.from_pad(head(weights, x), length).float(), dim=-1)
+    return torch.log_softmax(layout.from_pad(head(weights, x), length).float(), dim=-1), tokens
+
+
+def score_lanes(stack: Stack, weights: dict, groups: list[int], seqs: list[list[int]]) -> list[np.ndarray]:
+    """log p(seq[t] | seq[:t]) (float64 [len - 1]) of each lane's sequence under its expert, one forward."""
+    logp, tokens = _lane_logprobs(stack, weights, groups, seqs)
     out = []
     for i, s in enumerate(seqs):
         target = tokens[i, 1:len(s)]
         out.append(logp[i, :len(s) - 1].gather(1, target[:, None])[:, 0].double().cpu().numpy())
     return out
+
+
+def tail_lanes(stack: Stack, weights: dict, groups: list[int], seqs: list[list[int]], tails: list[int]) -> list:
+    """Next-token probabilities (float32 [tail, vocab]) at the positions predicting the last ``tail`` tokens of
+    each lane's sequence, one forward for all lanes."""
+    logp, _ = _lane_logprobs(stack, weights, groups, seqs)
+    return [logp[i, len(s) - 1 - m:len(s) - 1].exp() for i, (s, m) in enumerate(zip(seqs, tails))]

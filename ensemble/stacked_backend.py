@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from ensemble.stacked import Layout, Shape, Stack, causal_attention, head, hidden_states, score_lanes
+from ensemble.stacked import Layout, Shape, Stack, causal_attention, head, hidden_states, score_lanes, tail_lanes
 
 SCORE_BYTES = 256 << 20  # logits memory per scoring forward (lanes x tokens x vocab x 4 bytes)
 
@@ -113,29 +113,46 @@ class StackedBackend:
     def logprobs(self, jobs: list[tuple[int, list[int]]]) -> list[np.ndarray]:
         """Teacher-forced next-token log-probabilities (float64 [len(ids) - 1]) of each (cluster_id, ids) job,
         in segments of max_positions tokens; lanes of up to ``capacity`` experts run in one forward."""
-        import torch
-
         segments = []  # (job, expert, segment)
         for j, (expert, ids) in enumerate(jobs):
             for start in range(0, len(ids) - 1, self.max_positions - 1):
                 segments.append((j, int(expert), ids[start:start + self.max_positions]))
         parts: list[list[np.ndarray]] = [[] for _ in jobs]
-        experts = sorted({e for _, e, _ in segments})
+        run = lambda chunk, w, g: score_lanes(self.stack, w, g, [s[2] for s in chunk])  # noqa: E731
+        for chunk, out in self._forwards(segments, run):
+            for (j, _, _), lp in zip(chunk, out):
+                parts[j].append(lp)
+        return [np.concatenate(p) if p else np.zeros(0) for p in parts]
+
+    def tail_probs(self, jobs: list[tuple[int, list[int], int]]) -> list:
+        """Next-token probabilities (float32 tensors [m, vocab]) predicting the last m tokens of each
+        (cluster_id, ids, m) job; ids must fit max_positions."""
+        segments = [(j, int(expert), ids, m) for j, (expert, ids, m) in enumerate(jobs)]
+        out: list = [None] * len(jobs)
+        run = lambda chunk, w, g: tail_lanes(self.stack, w, g, [s[2] for s in chunk], [s[3] for s in chunk])  # noqa
+        for chunk, probs in self._forwards(segments, run):
+            for s, p in zip(chunk, probs):
+                out[s[0]] = p
+        return out
+
+    def _forwards(self, segments: list[tuple], run):
+        """Yield (chunk, run(chunk, weights, groups)) over ``segments`` (job, expert, ids, ...) grouped by up to
+        ``capacity`` experts and chunked to bound the logits' memory."""
+        import torch
+
+        experts = sorted({s[1] for s in segments})
         for lo in range(0, len(experts), self.capacity):
             group = set(experts[lo:lo + self.capacity])
-            todo = [s for s in segments if s[1] in group]
-            for chunk in _chunks(todo, self.shape.vocab):
-                slots = self.acquire([e for _, e, _ in chunk])
+            for chunk in _chunks([s for s in segments if s[1] in group], self.shape.vocab):
+                slots = self.acquire([s[1] for s in chunk])
                 try:
                     composition = tuple(sorted(set(slots)))
                     with torch.inference_mode():
-                        out = score_lanes(self.stack, self.compose(composition),
-                                          [composition.index(s) for s in slots], [seg for _, _, seg in chunk])
+                        out = run(chunk, self.compose(composition),
+                                  [composition.index(s) for s in slots])
                 finally:
                     self.release(slots)
-                for (j, _, _), lp in zip(chunk, out):
-                    parts[j].append(lp)
-        return [np.concatenate(p) if p else np.zeros(0) for p in parts]
+                yield chunk, out
 
 
 def _chunks(segments: list, vocab: int) -> list[list]:

@@ -94,3 +94,29 @@ def cluster_token_counts(seed_dir: Path, corpus_path: Path, assignments_path: Pa
     the input of `steps_per_expert`. Tokenizes the corpus once (cached, shared with `train_expert`)."""
     counts = train_token_counts(tokenize_corpus(open_tokenizer(seed_dir), corpus_path, cache_dir), assignments_path)
     return {c: counts.get(c, 0) for c in range(n_clusters)}
+
+
+def growth_steps(train: TrainConfig, old_steps: dict[int, int], old_tokens: dict[int, int],
+                 grown_tokens: dict[int, int], new_ids: list[int], continued: list[int]) -> dict[int, int]:
+    """Steps of the experts a `cbtm add` trains, by the rule the run's own experts were trained with.
+
+    New clusters: with a proportional total budget, the run's steps per training token (all its experts
+    together) times the new cluster's tokens; otherwise (an equal split, or ``train.steps`` per expert) the mean
+    steps of the run's experts. A continued expert (``continued``) trains on its grown set for its own steps
+    per token times the tokens it gained. Clusters with fewer tokens than one block get 0 (skipped); a continued
+    expert that gained nothing is left out.
+    """
+    trained = {c: s for c, s in old_steps.items() if s and old_tokens.get(c, 0) >= train.block_size}
+    rate = None
+    if train.total_tokens is not None and train.budget_split == "proportional" and trained:
+        rate = sum(trained.values()) / sum(old_tokens[c] for c in trained)
+    mean_steps = round(sum(trained.values()) / len(trained)) if trained else train.steps
+    out = {}
+    for c in new_ids:
+        n = grown_tokens.get(c, 0)
+        out[c] = 0 if n < train.block_size else (max(1, round(rate * n)) if rate else max(1, mean_steps))
+    for c in continued:
+        gained = grown_tokens.get(c, 0) - old_tokens.get(c, 0)
+        if gained > 0 and c in trained:
+            out[c] = max(1, round(trained[c] * gained / old_tokens[c]))
+    return out

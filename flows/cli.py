@@ -1,4 +1,4 @@
-"""`cbtm`: run the pipeline, retrain one expert, query and evaluate a run.
+"""`cbtm`: run the pipeline, retrain one expert, grow a run, query, serve and evaluate it.
 
 Bad input exits with code 2 and one line on stderr saying what is wrong and what to do.
 """
@@ -20,7 +20,8 @@ COMMANDS = {"run": ("flows.commands", "cmd_run"), "retrain": ("flows.commands", 
             "eval": ("flows.commands", "cmd_eval"), "clusters": ("flows.commands", "cmd_clusters"),
             "query": ("flows.query_commands", "cmd_query"),
             "tune-temperature": ("flows.query_commands", "cmd_tune_temperature"),
-            "serve": ("flows.serve_command", "cmd_serve")}
+            "serve": ("flows.serve_command", "cmd_serve"), "add": ("flows.grow_commands", "cmd_add"),
+            "remove": ("flows.grow_commands", "cmd_remove"), "restore": ("flows.grow_commands", "cmd_restore")}
 
 
 class _Stderr(logging.StreamHandler):

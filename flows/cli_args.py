@@ -93,14 +93,58 @@ def parser() -> argparse.ArgumentParser:
                     help="text field of --corpus (default: the run's corpus.text_field)")
     ev.add_argument("--top-k", metavar="K", type=int, action="append", help="top-k to evaluate (repeatable; "
                     "default: 1, 2, 4 and all)")
-    ev.add_argument("--limit", metavar="N", type=int, default=None, help="evaluate at most N documents")
+    ev.add_argument("--limit", metavar="N", type=int, default=None,
+                    help="evaluate at most N documents (with --tasks: N examples per task)")
     ev.add_argument("--baselines", metavar="LIST", default="",
                     help="comma-separated: dense (one model, k = 1) and/or random (random clusters of the same "
                     "sizes), trained at the same total token budget and cached in RUN/baselines")
     ev.add_argument("--runner", metavar="SPEC", default="thread", help="task runner for baseline training, as for "
                     "`cbtm run`")
+    ev.add_argument("--tasks", metavar="T1,T2", default=None,
+                    help="run these lm-evaluation-harness tasks instead (needs the eval extra) for top-1, top-2, all "
+                    "experts and the --baselines; writes RUN/eval/harness.json")
+    ev.add_argument("--include-path", metavar="DIR", default=None,
+                    help="a folder of task YAMLs for --tasks (bench/harness_data.py writes cbtm's offline tasks)")
+    ev.add_argument("--num-fewshot", metavar="K", type=int, default=None,
+                    help="few-shot examples per --tasks prompt (default: each task's own)")
     _serve_parser(sub)
+    _grow_parsers(sub)
     return p
+
+
+def _grow_parsers(sub) -> None:
+    add = sub.add_parser("add", help="add documents to a finished run without retraining it",
+                         description="Ingest and embed NEW with the run's embedder; a document close to an existing "
+                         "cluster (within its --join-percentile of training distances) joins it, the rest form new "
+                         "clusters whose experts are trained from the run's seed. Old experts are not touched. "
+                         "Re-running the same command resumes an interrupted add.")
+    add.add_argument("run_dir", metavar="RUN", help="a finished run directory")
+    add.add_argument("--corpus", metavar="NEW", required=True,
+                     help="the new documents (JSONL/Parquet/CSV, a directory of them)")
+    add.add_argument("--text-field", metavar="NAME", help="text field of NEW (default: the run's corpus.text_field)")
+    add.add_argument("--new-clusters", metavar="K", default="auto",
+                     help="clusters the far documents form: a number (0: none, everything joins its nearest "
+                     "cluster) or auto, the best silhouette among 2,4,8,16,32 (default: auto)")
+    add.add_argument("--join-percentile", metavar="P", type=float, default=95.0,
+                     help="a document joins its nearest cluster when closer than this percentile of the cluster's "
+                     "own training distances (default: 95)")
+    add.add_argument("--continue", dest="from_current", action="store_true",
+                     help="the experts whose clusters gained documents continue training on their grown sets "
+                     "(default: they stay as they are)")
+    add.add_argument("--runner", metavar="SPEC", default="thread", help="task runner, as for `cbtm run`")
+    remove = sub.add_parser("remove", help="stop routing to an expert (a data owner opting out)",
+                            description="The expert is no longer routed to; its files are kept unless --delete. "
+                            "`cbtm restore` undoes it.")
+    remove.add_argument("run_dir", metavar="RUN", help="a run directory")
+    remove.add_argument("--cluster", metavar="I", type=int, action="append", required=True,
+                        help="cluster id of the expert (repeatable)")
+    remove.add_argument("--delete", action="store_true", help="also delete the expert's files (restore then needs "
+                        "`cbtm retrain RUN --cluster I`)")
+    restore = sub.add_parser("restore", help="route to a removed expert again",
+                             description="Undo `cbtm remove`: the expert is routed to again.")
+    restore.add_argument("run_dir", metavar="RUN", help="a run directory")
+    restore.add_argument("--cluster", metavar="I", type=int, action="append", required=True,
+                         help="cluster id of the expert (repeatable)")
 
 
 def _serve_parser(sub) -> None:

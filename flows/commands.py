@@ -12,7 +12,9 @@ from flows.baselines import parse_baselines
 from flows.cli_args import AUTO_K
 from flows.config import PipelineConfig
 from flows.evaluation import evaluate
+from flows.harness_eval import check_tasks, harness, require_harness
 from flows.pipeline import build, retrain
+from flows.report import harness_table
 from flows.runners import task_runner
 from flows.training import default_corpus
 from ground.device import resolve_device
@@ -125,7 +127,11 @@ def cmd_eval(args) -> int:
     baselines = parse_baselines(args.baselines)  # bad names fail before Prefect starts
     if args.limit is not None and args.limit < 1:
         raise UserInputError(f"--limit must be >= 1, got {args.limit}")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise UserInputError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
     runner = task_runner(args.runner)
+    if args.tasks is not None:
+        return _eval_tasks(args, baselines, runner)
     with api_server():
         results = evaluate.with_options(task_runner=runner)(str(args.run_dir), args.top_k, args.corpus,
                                                             args.text_field, args.limit, baselines, args.runner)
@@ -137,6 +143,21 @@ def cmd_eval(args) -> int:
         print(f"Baseline {kind}: {b['n_experts']} expert(s), {b['budget_tokens']:,} training tokens in all "
               f"({Path(args.run_dir) / b['path']})")
     print(f"Results: {RunDir(args.run_dir).results_path} (and report.md)")
+    return 0
+
+
+def _eval_tasks(args, baselines: list[str], runner) -> int:
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise UserInputError("--tasks is empty: name at least one lm-eval task, e.g. --tasks cbtm_ag_news_topic")
+    require_harness()
+    check_tasks(tasks, args.include_path)  # unknown names fail before any baseline is trained
+    with api_server():
+        result = harness.with_options(task_runner=runner)(str(args.run_dir), tasks, args.include_path,
+                                                          args.num_fewshot, args.limit, baselines, args.top_k,
+                                                          args.runner)
+    print("\n".join(harness_table(result)))
+    print(f"Results: {RunDir(args.run_dir).harness_path} (and report.md)")
     return 0
 
 

@@ -27,7 +27,7 @@ from ground.rundir import RunDir
 log = logging.getLogger("cbtm")
 
 
-def _train_baseline(plan: DerivedPlan, runner: str) -> RunDir:
+def train_baseline(plan: DerivedPlan, runner: str) -> RunDir:
     """One Prefect task per baseline expert still to train, each recorded as it finishes; then finish the run."""
     run_expert_tasks({cid: plan.train_kwargs(cid) for cid in plan.todo}, runner, plan.train.device,
                      plan.train.retries, lambda cid, summary: record_derived_expert(plan, cid, summary),
@@ -41,7 +41,7 @@ def _score_baselines(run: RunDir, baselines: list[str], texts: list[str], top_ks
     vectors = results.pop("routing_vectors")
     for kind in baselines:
         plan = plan_baseline(run, kind)
-        base = Ensemble.load(_train_baseline(plan, runner).root)
+        base = Ensemble.load(train_baseline(plan, runner).root)
         scored = task(evaluate_run, name=f"score-{kind}", cache_policy=NO_CACHE)(
             base, texts, top_ks, nearest, len(results["clusters"]), prefix=f"{kind} ", experts_alone=False,
             routing_vectors=vectors)

@@ -82,6 +82,10 @@ def open_run(run: RunDir, cfg: PipelineConfig, force: set[str] = frozenset()) ->
     if previous and previous != corpus and "ingest" not in force:
         raise UserInputError(f"run directory {run.root} was built from corpus {previous}, not {corpus}: "
                              "pass another --out, or --force ingest to rebuild it from this corpus")
+    if manifest.additions:
+        raise UserInputError(f"run {run.root} was grown by `cbtm add` ({len(manifest.additions)} addition(s)); "
+                             "`cbtm run` would rebuild it from its original corpus alone: build a new run with "
+                             "--out NEW_DIR, or keep growing this one with `cbtm add` / `cbtm retrain`")
     new = not run.exists()
     run.root.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(run.root)

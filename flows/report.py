@@ -68,7 +68,7 @@ def write_report(run: RunDir, manifest: Manifest, label_field: str | None = None
              f"{_routing(manifest, 'route_temperature')}, default top-k {_routing(manifest, 'top_k')}. "
              f"Corpus `{manifest.config.get('corpus', {}).get('path')}`.", "",
              clusters_markdown(run.clusters_dir, "plots"), "", *_experts_section(run, manifest, ids),
-             *_evaluation_section(run)]
+             *_growth_section(manifest), *_evaluation_section(run), *_harness_section(run)]
     atomic_write_text(run.report_path, "\n".join(lines) + "\n")
     return run.report_path
 
@@ -83,6 +83,60 @@ def _experts_section(run: RunDir, manifest: Manifest, ids: list[int]) -> list[st
         link = f"[png]({curve})" if (run.root / curve).exists() else ""
         lines.append(f"| {cid} | `{e.get('path')}` | {e.get('steps')} | {e.get('tokens')} | "
                      f"{_fmt(e.get('train_loss'))} | {_fmt(e.get('val_loss'))} | {e.get('seconds')} | {link} |")
+    return lines
+
+
+def _growth_section(manifest: Manifest) -> list[str]:
+    """What `cbtm add` added and which experts `cbtm remove` took out of routing."""
+    if not manifest.additions and not manifest.removed:
+        return []
+    lines = ["", "## Growth", ""]
+    for i, a in enumerate(manifest.additions, 1):
+        joined = ", ".join(f"{c}: +{n}" for c, n in a["joined"].items()) or "none"
+        lines.append(f"{i}. `cbtm add` of `{a['corpus']}`: {a['documents']} new documents ({a['already_in_run']} "
+                     f"already in the run); training documents joining clusters (within their "
+                     f"{a['join_percentile']:g}th percentile of distances): {joined}; new clusters "
+                     f"{', '.join(map(str, a['new_clusters'])) or 'none'}"
+                     + (f"; continued experts {', '.join(map(str, a['continued']))}" if a["continued"] else "") + ".")
+    if manifest.removed:
+        lines += ["", f"Removed from routing (`cbtm restore` brings them back): "
+                  f"{', '.join(map(str, manifest.removed))}."]
+    return lines + [""]
+
+
+def _harness_section(run: RunDir) -> list[str]:
+    if not run.harness_path.exists():
+        return []
+    result = json.loads(run.harness_path.read_text())
+    shots = "default" if result.get("num_fewshot") is None else result["num_fewshot"]
+    return ["", "## lm-evaluation-harness", "", f"`cbtm eval --tasks` ({shots}-shot, limit {result.get('limit')}); "
+            "details in `eval/harness.json`.", "", "![harness tasks](plots/harness.png)", "", *harness_table(result)]
+
+
+def headline(task_results: dict) -> tuple[str, float] | None:
+    """(metric, value) a task is reported by: acc for multiple choice, word_perplexity for rolling tasks."""
+    for metric in ("acc,none", "word_perplexity,none", "exact_match,none"):
+        if isinstance(task_results.get(metric), (int, float)):
+            return metric.split(",")[0], float(task_results[metric])
+    numbers = [(k, v) for k, v in task_results.items() if isinstance(v, (int, float)) and "stderr" not in k
+               and "," in k]
+    return (numbers[0][0].split(",")[0], float(numbers[0][1])) if numbers else None
+
+
+def harness_table(result: dict) -> list[str]:
+    """Markdown rows: one per system, one column per task (its headline metric)."""
+    tasks = result["tasks"]
+    heads = {}
+    for system in result["systems"].values():
+        for task in tasks:
+            h = headline(system["results"].get(task, {}))
+            if h:
+                heads[task] = h[0]
+    lines = ["| system | " + " | ".join(f"{t} ({heads.get(t, '?')})" for t in tasks) + " |",
+             "|---|" + "---:|" * len(tasks)]
+    for name, system in result["systems"].items():
+        cells = [headline(system["results"].get(t, {})) for t in tasks]
+        lines.append(f"| {name} | " + " | ".join("" if c is None else f"{c[1]:.4g}" for c in cells) + " |")
     return lines
 
 

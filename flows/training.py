@@ -90,18 +90,21 @@ def run_expert_tasks(jobs: dict[int, dict], runner: str, device: str, retries: i
 
 def train_experts(cfg: PipelineConfig, run: RunDir, manifest: Manifest, cluster_ids: list[int], force: bool,
                   keep_done: bool = False, runner: str = "thread", from_current: bool = False,
-                  job: str | None = None) -> list[int]:
+                  job: str | None = None, steps: dict[int, int] | None = None,
+                  data: tuple[Path, Path] | None = None) -> list[int]:
     """Train the experts of ``cluster_ids`` that are not current; returns the ids that were trained.
 
-    Steps come from the token budget (split over all clusters); ``keep_done``: the run stays usable meanwhile
-    (retrain swaps complete experts one by one); ``from_current``: continue from the current experts; ``job``:
-    the manifest job each finished expert is marked done in.
+    Steps come from the token budget (split over all clusters) unless ``steps`` gives them; ``keep_done``: the
+    run stays usable meanwhile (retrain swaps complete experts one by one); ``from_current``: continue from the
+    current experts; ``job``: the manifest job each finished expert is marked done in; ``data``: (corpus,
+    assignments) to train on instead of the run's (`cbtm add` trains on the grown run before it is swapped in).
     """
     seed_tokens = cfg.seed_tokens()
     branch = run.branch_dir(bool(seed_tokens))
-    counts = cluster_token_counts(branch, run.corpus_path, run.assignments_path, cfg.cluster.n_clusters,
-                                  run.token_cache)
-    steps = steps_per_expert(expert_budget(cfg.train, seed_tokens, cfg.cluster.n_clusters), counts)
+    corpus_path, assignments_path = data or (run.corpus_path, run.assignments_path)
+    if steps is None:
+        counts = cluster_token_counts(branch, corpus_path, assignments_path, cfg.cluster.n_clusters, run.token_cache)
+        steps = steps_per_expert(expert_budget(cfg.train, seed_tokens, cfg.cluster.n_clusters), counts)
     todo = {}
     for cid in cluster_ids:
         inputs = stage_inputs(cfg, manifest, "expert", cid, steps[cid])
@@ -110,8 +113,8 @@ def train_experts(cfg: PipelineConfig, run: RunDir, manifest: Manifest, cluster_
     log.info("  train     %d expert(s) to train, %d up to date", len(todo), len(cluster_ids) - len(todo))
     if todo and not keep_done:
         run.done_path.unlink(missing_ok=True)
-    jobs = {cid: dict(cfg=cfg.train, seed_dir=branch, corpus_path=run.corpus_path,
-                      assignments_path=run.assignments_path, cluster_id=cid, out_dir=run.expert_dir(cid),
+    jobs = {cid: dict(cfg=cfg.train, seed_dir=branch, corpus_path=corpus_path,
+                      assignments_path=assignments_path, cluster_id=cid, out_dir=run.expert_dir(cid),
                       checkpoint_dir=run.checkpoint_dir(cid), steps=steps[cid], cache_dir=run.token_cache,
                       init_dir=run.expert_dir(cid) if from_current else None) for cid in todo}
 

@@ -71,7 +71,8 @@ class Manifest:
     ``experts[str(cluster_id)] = {"path": "experts/<i>", "hash": sha256, "files": {name: {"size", "sha256"}},
     "val_loss": float | None, "skipped": bool, ...}``; ``routing[key] = {"value": ..., "source": "config" |
     "tuned"}`` for key in route_temperature, top_k; ``removed``: cluster ids no longer routed to; ``jobs``:
-    commands in progress that a re-run resumes (``{"retrain": {"clusters", "from_current", "done"}}``).
+    commands in progress that a re-run resumes (``{"retrain": {"clusters", "from_current", "done"}}``);
+    ``additions``: what each `cbtm add` grew the run with (corpus, documents, joined and new clusters).
     """
 
     config: dict = field(default_factory=dict)
@@ -81,6 +82,7 @@ class Manifest:
     routing: dict = field(default_factory=dict)
     removed: list = field(default_factory=list)
     jobs: dict = field(default_factory=dict)
+    additions: list = field(default_factory=list)
     n_clusters: int | None = None
     versions: dict = field(default_factory=library_versions)
     created_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
@@ -88,7 +90,8 @@ class Manifest:
     def to_json(self) -> dict:
         return {"format": FORMAT, "schema_version": SCHEMA_VERSION, "created_at": self.created_at,
                 "config": self.config, "embedder": self.embedder, "routing": self.routing,
-                "removed": self.removed, "jobs": self.jobs, "n_clusters": self.n_clusters, "stages": self.stages,
+                "removed": self.removed, "jobs": self.jobs, "additions": self.additions,
+                "n_clusters": self.n_clusters, "stages": self.stages,
                 "experts": self.experts, "versions": self.versions}
 
     @classmethod
@@ -102,7 +105,8 @@ class Manifest:
             raise IncompatibleRunError(
                 f"{where} has schema version {version}, this cbtm reads versions 1 and {SCHEMA_VERSION}: rebuild "
                 "the run with this version (cbtm run --out NEW_DIR)")
-        keys = ("config", "stages", "experts", "embedder", "routing", "removed", "jobs", "n_clusters", "versions",
+        keys = ("config", "stages", "experts", "embedder", "routing", "removed", "jobs", "additions", "n_clusters",
+                "versions",
                 "created_at")
         return cls(**{k: data[k] for k in keys if k in data})
 

@@ -105,6 +105,34 @@ def test_a_killed_evaluation_keeps_the_baseline_experts_it_trained(killed_build,
     assert {"dense", "random top-1", "top-1"} <= set(json.loads(run.results_path.read_text())["systems"])
 
 
+def test_a_killed_add_resumes_and_never_touches_the_old_experts(killed_build, cli_env, tmp_path):
+    import shutil
+
+    from tests.conftest import demo_records, write_jsonl
+
+    run = RunDir(shutil.copytree(killed_build[0].root, tmp_path / "run"))
+    new = write_jsonl(tmp_path / "new.jsonl", demo_records(24, ("law", "programming")))
+    args = ["add", str(run.root), "--corpus", str(new), "--new-clusters", "2"]
+    old = snapshot(run.root, ("experts",))
+    before = (run.centroids_path.stat().st_ino, run.corpus_path.stat().st_ino)
+    assert cbtm(args, cli_env, fault="add:staged").returncode == KILLED
+    assert run.read_manifest().jobs["add"]["phase"] == "staged"
+    assert (run.centroids_path.stat().st_ino, run.corpus_path.stat().st_ino) == before  # nothing swapped yet
+    assert Ensemble.load(run.root).n_experts == 3  # the run still serves as it was
+    assert cbtm(args, cli_env, fault="expert:run:3").returncode == KILLED
+    three = snapshot(run.root, ("experts/3",))
+    assert three and run.read_manifest().jobs["add"]["done"] == [3]
+    assert cbtm(args, cli_env, fault="add:swap:embeddings").returncode == KILLED  # killed between two renames
+    result = cbtm(args, cli_env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert snapshot(run.root, ("experts/3",)) == three  # trained once, not twice
+    assert {k: v for k, v in snapshot(run.root, ("experts",)).items() if k.split("/")[1] in "012"} == old
+    manifest = run.read_manifest()
+    assert not manifest.jobs and manifest.additions[0]["new_clusters"] == [3, 4] and manifest.n_clusters == 5
+    assert not (run.root / ".cbtm-add").exists()
+    assert Ensemble.load(run.root).n_experts == 5
+
+
 def _children(pid: int) -> list[tuple[int, str]]:
     out = []
     for proc in Path("/proc").iterdir():
