@@ -105,7 +105,7 @@ def main(argv=None) -> None:
     results = {}
     print(f"old domains {old}, new {new}; held-out documents: "
           + ", ".join(f"{k} {len(v)}" for k, v in texts.items()))
-    print(f"| system | experts | old top-1 | old top-2 | new top-1 | new top-2 | training tokens | wall s |")
+    print("| system | experts | old top-1 | old top-2 | new top-1 | new top-2 | training tokens | wall s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, (run, tokens, secs) in rows.items():
         ppl = _score(run, texts)

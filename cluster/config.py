@@ -114,8 +114,9 @@ AUTO_NEW_K = (2, 4, 8, 16, 32)  # candidates of `cbtm add --new-clusters auto`, 
 class GrowConfig:
     """How `cbtm add` places new documents: a document joins its nearest cluster when its squared distance to
     that centroid is at most the ``join_percentile``-th percentile of the cluster's own training distances;
-    the rest form ``new_clusters`` new clusters (None: chosen by silhouette among AUTO_NEW_K; 0: none, every
-    new document joins its nearest cluster)."""
+    the rest form ``new_clusters`` new clusters (None: chosen by silhouette among the AUTO_NEW_K that leave each
+    new cluster at least half the run's median training cluster; 0: none, every new document joins its nearest
+    cluster)."""
 
     join_percentile: float = 95.0
     new_clusters: int | None = None

@@ -81,27 +81,37 @@ def place(d2: np.ndarray, thresholds: np.ndarray, joinable: np.ndarray) -> tuple
     return nearest, masked[np.arange(len(d2)), nearest] <= thresholds[nearest]
 
 
-def choose_new_k(x: np.ndarray, requested: int | None, seed: int) -> int:
-    """How many new clusters the rows x [n, d] form: ``requested``, or by silhouette among AUTO_NEW_K (k <= n/2;
-    one cluster when too few rows for two)."""
+def choose_new_k(x: np.ndarray, requested: int | None, seed: int, min_size: int = 2) -> int:
+    """How many new clusters the rows x [n, d] form: ``requested``, or by silhouette among the AUTO_NEW_K that
+    leave at least ``min_size`` rows per cluster on average (one cluster when too few rows for two)."""
     if requested is not None:
         if requested > len(x):
             raise UserInputError(f"--new-clusters {requested} but only {len(x)} new training document(s) are far "
                                  "from every cluster: pass a smaller --new-clusters (or auto)")
         return requested
-    ks = [k for k in AUTO_NEW_K if k <= len(x) // 2]
+    ks = [k for k in AUTO_NEW_K if k <= len(x) // max(2, min_size)]
     if not ks:
         return 1 if len(x) else 0
     return best_k(score_ks(x, ks, seed=seed))
 
 
+def auto_min_size(assignments: pa.Table, train: np.ndarray, joinable: np.ndarray) -> int:
+    """Fewest training documents per new cluster that ``--new-clusters auto`` allows: half the median training
+    cluster of the run (silhouette alone favours many tiny clusters on a small addition, and an expert of a few
+    documents is not worth its memory)."""
+    ids = assignments.column("train_cluster_id").to_numpy()[train]
+    sizes = np.bincount(ids, minlength=len(joinable))[joinable]
+    return max(2, int(np.median(sizes)) // 2) if len(sizes) else 2
+
+
 def _placement(vectors: np.ndarray, centroids: np.ndarray, thresholds: np.ndarray, joinable: np.ndarray,
-               train: np.ndarray, grow: GrowConfig, n_init: int) -> tuple[np.ndarray, np.ndarray, int]:
+               train: np.ndarray, grow: GrowConfig, n_init: int,
+               min_size: int) -> tuple[np.ndarray, np.ndarray, int]:
     """(all centroids float32 [k_old + k_new, d], training cluster int64 [n] of every new row, k_new)."""
     x = normalize_rows(vectors)
     nearest, joins = place(squared_distances(x, centroids), thresholds, joinable)
     rest = ~joins & train
-    k_new = 0 if grow.new_clusters == 0 else choose_new_k(x[rest], grow.new_clusters, grow.seed)
+    k_new = 0 if grow.new_clusters == 0 else choose_new_k(x[rest], grow.new_clusters, grow.seed, min_size)
     target = nearest.copy()
     if not k_new:
         return centroids, target, 0
@@ -126,7 +136,7 @@ def stage_growth(run: RunDir, added: pa.Table, embedder, embed_cfg: EmbedConfig,
     bar.close()
     train = np.array(added.column("split").to_pylist()) == "train"
     all_centroids, target, k_new = _placement(vectors, centroids, thresholds, joinable, train, grow,
-                                              cluster_cfg.n_init)
+                                              cluster_cfg.n_init, auto_min_size(assignments, train_old, joinable))
     d2 = squared_distances(normalize_rows(vectors), all_centroids)
     labels = d2.argmin(1).astype(np.int32)  # routing's label: the nearest centroid, old or new
     train_labels = np.where(train, target, labels).astype(np.int32)

@@ -97,24 +97,29 @@ def cluster_token_counts(seed_dir: Path, corpus_path: Path, assignments_path: Pa
 
 
 def growth_steps(train: TrainConfig, old_steps: dict[int, int], old_tokens: dict[int, int],
-                 grown_tokens: dict[int, int], new_ids: list[int], continued: list[int]) -> dict[int, int]:
+                 grown_tokens: dict[int, int], new_ids: list[int], continued: list[int],
+                 seed_steps: int = 0) -> dict[int, int]:
     """Steps of the experts a `cbtm add` trains, by the rule the run's own experts were trained with.
 
-    New clusters: with a proportional total budget, the run's steps per training token (all its experts
-    together) times the new cluster's tokens; otherwise (an equal split, or ``train.steps`` per expert) the mean
-    steps of the run's experts. A continued expert (``continued``) trains on its grown set for its own steps
-    per token times the tokens it gained. Clusters with fewer tokens than one block get 0 (skipped); a continued
-    expert that gained nothing is left out.
+    Every new training token gets the compute an old one got, the seed phase's share included (``seed_steps``:
+    the run's seed-phase steps, which saw all of its training tokens but none of the new ones). New clusters:
+    with a proportional total budget, the run's steps (seed phase and experts) per training token times the new
+    cluster's tokens; otherwise (an equal split, or ``train.steps`` per expert) the mean steps of the run's
+    experts plus the seed phase's steps per token. A continued expert (``continued``) trains on its grown set
+    for its own steps per token times the tokens it gained (its domain is already learnt). Clusters with fewer
+    tokens than one block get 0 (skipped); a continued expert that gained nothing is left out.
     """
     trained = {c: s for c, s in old_steps.items() if s and old_tokens.get(c, 0) >= train.block_size}
+    seen = sum(old_tokens[c] for c in trained)
+    seed_rate = seed_steps / seen if seen else 0.0
     rate = None
     if train.total_tokens is not None and train.budget_split == "proportional" and trained:
-        rate = sum(trained.values()) / sum(old_tokens[c] for c in trained)
+        rate = sum(trained.values()) / seen + seed_rate
     mean_steps = round(sum(trained.values()) / len(trained)) if trained else train.steps
     out = {}
     for c in new_ids:
         n = grown_tokens.get(c, 0)
-        out[c] = 0 if n < train.block_size else (max(1, round(rate * n)) if rate else max(1, mean_steps))
+        out[c] = 0 if n < train.block_size else max(1, round(rate * n) if rate else mean_steps + round(seed_rate * n))
     for c in continued:
         gained = grown_tokens.get(c, 0) - old_tokens.get(c, 0)
         if gained > 0 and c in trained:

@@ -138,7 +138,8 @@ def _steps(run: RunDir, manifest: Manifest, cfg: PipelineConfig, new_ids: list[i
     grown = cluster_token_counts(branch, staging / "corpus" / run.corpus_path.name,
                                  staging / "clusters" / "assignments.parquet", k_old + len(new_ids), run.token_cache)
     old_steps = {int(c): int(e.get("steps") or 0) for c, e in manifest.experts.items()}
-    return growth_steps(cfg.train, old_steps, old_tokens, grown, new_ids, continued)
+    seed_steps = cfg.seed_tokens() // cfg.train.tokens_per_step
+    return growth_steps(cfg.train, old_steps, old_tokens, grown, new_ids, continued, seed_steps)
 
 
 def _train(run: RunDir, manifest: Manifest, cfg: PipelineConfig, job: dict, runner: str) -> None:

@@ -5,10 +5,11 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cluster.grow import join_thresholds, place
+from cluster.grow import auto_min_size, choose_new_k, join_thresholds, place
 from ensemble import Ensemble
 from experts.budget import growth_steps
 from experts.config import TrainConfig
@@ -170,6 +171,16 @@ def test_placement_rules_are_pure_and_follow_the_percentile():
     assert nearest.tolist() == [0, 1, 1] and joins.tolist() == [True, d2[1, 1] <= t[1], True]
 
 
+def test_auto_new_clusters_never_makes_clusters_far_smaller_than_the_runs():
+    rng = np.random.default_rng(0)
+    blobs = np.repeat(np.eye(16, 24, dtype=np.float32), 8, axis=0) + rng.normal(0, 0.01, (128, 24)).astype(np.float32)
+    assert choose_new_k(blobs, None, seed=0, min_size=2) == 16  # 16 tight blobs: silhouette alone takes 16
+    assert choose_new_k(blobs, None, seed=0, min_size=32) in (2, 4)  # the run's clusters hold ~64 documents
+    assert choose_new_k(blobs[:40], None, seed=0, min_size=32) == 1  # too few for two such clusters
+    assignments = pa.table({"train_cluster_id": np.repeat([0, 1, 2], [60, 64, 80]).astype(np.int32)})
+    assert auto_min_size(assignments, np.ones(204, bool), np.ones(3, bool)) == 32
+
+
 def test_growth_steps_follow_the_runs_own_rate():
     train = TrainConfig(total_tokens=10_000, batch_size=2, block_size=8)
     steps = growth_steps(train, {0: 30, 1: 10}, {0: 3000, 1: 1000}, {0: 3600, 1: 1000, 2: 2000, 3: 4},
@@ -177,3 +188,7 @@ def test_growth_steps_follow_the_runs_own_rate():
     assert steps == {2: 20, 3: 0, 0: 6}  # 1 step per 100 tokens; too small to train; 600 tokens gained
     fixed = growth_steps(TrainConfig(steps=7, block_size=8), {0: 7, 1: 7}, {0: 50, 1: 60}, {2: 90}, [2], [])
     assert fixed == {2: 7}
+    seeded = growth_steps(train, {0: 30, 1: 10}, {0: 3000, 1: 1000}, {0: 3600, 2: 2000}, [2], [0], seed_steps=40)
+    assert seeded == {2: 40, 0: 6}  # the seed phase's share too (40 steps over 4,000 tokens); continued: own rate
+    fixed = growth_steps(TrainConfig(steps=7, block_size=8), {0: 7, 1: 7}, {0: 50, 1: 60}, {2: 110}, [2], [], 11)
+    assert fixed == {2: 18}
