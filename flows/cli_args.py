@@ -124,8 +124,8 @@ def _grow_parsers(sub) -> None:
     add.add_argument("--text-field", metavar="NAME", help="text field of NEW (default: the run's corpus.text_field)")
     add.add_argument("--new-clusters", metavar="K", default="auto",
                      help="clusters the far documents form: a number (0: none, everything joins its nearest "
-                     "cluster) or auto, the best silhouette among 2,4,8,16,32 that leave each new cluster at least half "
-                     "the run's median training cluster (default: auto)")
+                     "cluster) or auto, the best silhouette among 2,4,8,16,32 that leave each new cluster at least "
+                     "half the run's median training cluster (default: auto)")
     add.add_argument("--join-percentile", metavar="P", type=float, default=95.0,
                      help="a document joins its nearest cluster when closer than this percentile of the cluster's "
                      "own training distances (default: 95)")

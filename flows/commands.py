@@ -14,7 +14,7 @@ from flows.config import PipelineConfig
 from flows.evaluation import evaluate
 from flows.harness_eval import check_tasks, harness, require_harness
 from flows.pipeline import build, retrain
-from flows.report import harness_table
+from flows.report import dense_gain, harness_table
 from flows.runners import task_runner
 from flows.training import default_corpus
 from ground.device import resolve_device
@@ -142,6 +142,8 @@ def cmd_eval(args) -> int:
     for kind, b in results["baselines"].items():
         print(f"Baseline {kind}: {b['n_experts']} expert(s), {b['budget_tokens']:,} training tokens in all "
               f"({Path(args.run_dir) / b['path']})")
+    if dense_gain(results):
+        print(dense_gain(results))
     print(f"Results: {RunDir(args.run_dir).results_path} (and report.md)")
     return 0
 

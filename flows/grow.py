@@ -31,7 +31,7 @@ from cluster.embed import load_embedder
 from cluster.grow import check_embedder, new_documents, stage_growth
 from experts.budget import cluster_token_counts, growth_steps
 from flows.config import PipelineConfig
-from flows.pipeline import _assemble, record_config, router_task, summarize
+from flows.pipeline import assemble_run, record_config, router_task, summarize
 from flows.report import label_field
 from flows.training import train_experts
 from ground import faults
@@ -204,7 +204,7 @@ def _finish(run: RunDir, manifest: Manifest, job: dict) -> None:
     before it repeats this phase), the report with the new clusters."""
     manifest.additions.append({**job["summary"], "trained": job["steps"], "continued": job["continued"]})
     manifest.jobs.pop("add", None)
-    _assemble(PipelineConfig.from_dict(manifest.config), run, manifest)
+    assemble_run(PipelineConfig.from_dict(manifest.config), run, manifest)
     run.write_manifest(manifest)
     log.info("  add       %d document(s) added: cluster(s) %s joined, new cluster(s) %s",
              job["summary"]["documents"], sorted(int(c) for c in job["summary"]["joined"]),

@@ -125,7 +125,8 @@ def _embed(cfg: PipelineConfig, run: RunDir, runner: str) -> None:
     write_embeddings_meta(cfg.embed, run.corpus_path, run.embeddings_dir, embedder)
 
 
-def _assemble(cfg: PipelineConfig, run: RunDir, manifest: Manifest) -> None:
+def assemble_run(cfg: PipelineConfig, run: RunDir, manifest: Manifest) -> None:
+    """The assemble stage (routing entry, report, DONE) of a run whose experts are all recorded."""
     manifest.routing = record_routing(manifest.routing, cfg.ensemble)
     inputs = stage_inputs(cfg, manifest, "assemble")
     ran = run_stage(run, manifest, "assemble", inputs, lambda: report_task(run, manifest, label_field(cfg, run)))
@@ -220,7 +221,7 @@ def _build_stages(cfg: PipelineConfig, run: RunDir, manifest: Manifest, until: s
     train_experts(cfg, run, manifest, list(range(cfg.cluster.n_clusters)), force="train" in force, runner=runner)
     if until == "train":
         return
-    _assemble(cfg, run, manifest)
+    assemble_run(cfg, run, manifest)
 
 
 @flow(name="retrain", log_prints=False, validate_parameters=False)
@@ -252,7 +253,7 @@ def retrain(run_dir: str, cluster_ids: list[int], runner: str = "thread", from_c
                       from_current=from_current, job="retrain")
         manifest.jobs.pop("retrain", None)
         if "assemble" in manifest.stages:
-            _assemble(cfg, run, manifest)
+            assemble_run(cfg, run, manifest)
         else:
             run.write_manifest(manifest)
     return summarize(run)

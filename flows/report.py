@@ -146,9 +146,11 @@ def _evaluation_section(run: RunDir) -> list[str]:
         return ["", "Held-out evaluation: run `cbtm eval` to add it here."]
     results = json.loads(path.read_text())
     temperature = results.get("route_temperature", results.get("temperature"))
+    gain = dense_gain(results)
     lines = ["", "## Held-out perplexity", "", f"Route temperature {temperature}; a token's weights "
              "come from the text before it. \"expert i alone\": that expert on all held-out text, and on its own "
-             "cluster's.", *_baselines_note(results), "", "![perplexity by system](plots/perplexity.png)",
+             "cluster's.", *_baselines_note(results), *([f"**{gain}**."] if gain else []), "",
+             "![perplexity by system](plots/perplexity.png)",
              "![perplexity per cluster](plots/perplexity_per_cluster.png)", "",
              "| system | perplexity | tokens | on its own cluster |", "|---|---:|---:|---:|"]
     for name, r in results["systems"].items():
@@ -159,6 +161,18 @@ def _evaluation_section(run: RunDir) -> list[str]:
     if (run.plots_dir / "temperature.png").exists():
         lines += ["", "![perplexity by routing temperature](plots/temperature.png)"]
     return lines
+
+
+def dense_gain(results: dict) -> str | None:
+    """One line: the run's best ensemble system against the dense baseline (None without one)."""
+    ours = {n: r for n, r in results["systems"].items() if "baseline" not in r and r.get("expert") is None}
+    dense = [r["perplexity"] for r in results["systems"].values() if r.get("baseline") == "dense"]
+    if not ours or not dense:
+        return None
+    name = min(ours, key=lambda n: ours[n]["perplexity"])
+    best, base = ours[name]["perplexity"], min(dense)
+    return (f"Best ensemble ({name}) {best:.2f} vs dense {base:.2f}: {100 * (best - base) / base:+.1f}% perplexity "
+            f"({'better' if best <= base else 'worse'} than dense at the same total tokens)")
 
 
 def _baselines_note(results: dict) -> list[str]:

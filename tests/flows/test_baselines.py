@@ -44,12 +44,15 @@ def test_eval_with_baselines_at_the_same_budget_is_cached_and_reported(run_copy,
     assert list(dense.read_manifest().experts) == ["0"] and dense.read_manifest().experts["0"]["steps"] == 24
     assert train_sizes(rand) == train_sizes(parent)
     assert results["baselines"]["dense"]["budget_tokens"] == 24 * 4 * 32 and "Baseline dense" in out
+    ours = min(r["perplexity"] for n, r in results["systems"].items() if n in ("top-1", "top-2", "all experts"))
+    gain = 100 * (ours - results["systems"]["dense"]["perplexity"]) / results["systems"]["dense"]["perplexity"]
+    assert f"vs dense {results['systems']['dense']['perplexity']:.2f}: {gain:+.1f}% perplexity" in out
     # Every system is reported on the parent's clusters, with token counts that match across systems.
     assert set(results["systems"]["dense"]["per_cluster"]) <= {"0", "1", "2"}
     assert results["systems"]["dense"]["tokens"] == results["systems"]["top-1"]["tokens"]
     assert (run_copy / "plots" / "perplexity_per_cluster.png").stat().st_size > 0
     report = (run_copy / "report.md").read_text()
-    assert "Baselines trained by the same code" in report and "| dense |" in report
+    assert "Baselines trained by the same code" in report and "| dense |" in report and "vs dense" in report
     assert Ensemble.load(run_copy / "baselines" / "random").n_experts == 3  # a complete, loadable run
     before = {d: hash_path(run_copy / "baselines" / d / "experts") for d in ("dense", "random")}
     assert main(["eval", str(run_copy), "--baselines", "random,dense", "--limit", "4"]) == 0

@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,6 +18,7 @@ from flows.cli import main
 from flows.pipeline import build
 from ground.rundir import RunDir
 from tests.conftest import demo_records, tiny_config, write_jsonl
+from tests.ensemble.test_server import Server
 
 OLD = ("cooking", "astronomy", "football", "medicine")
 NEW = ("law", "programming")
@@ -42,11 +44,13 @@ def grown(prefect_harness, corpora, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("grown") / "run"
     cfg = tiny_config(corpora[0], n_clusters=4).with_overrides(["embed.tfidf_dim=16"])
     build(cfg.to_dict(), str(run_dir))
+    server = Server(Ensemble.load(run_dir))  # a live `cbtm serve` of the run as it was
     before = {"experts": snapshot(run_dir / "experts"), "manifest": RunDir(run_dir).read_manifest(),
               "centroids": np.load(run_dir / "clusters" / "centroids.npy"),
-              "ensemble": Ensemble.load(run_dir)}
+              "ensemble": Ensemble.load(run_dir), "server": server}
     assert main(["add", str(run_dir), "--corpus", str(corpora[1]), "--new-clusters", "2"]) == 0
-    return run_dir, before
+    yield run_dir, before
+    server.stop()
 
 
 def test_add_makes_new_experts_and_leaves_the_old_ones_untouched(grown):
@@ -84,6 +88,18 @@ def test_a_live_ensemble_sees_the_new_experts_after_reload(grown):
     cooking = next(r["text"] for r in demo_records(30, ("cooking",))[24:])
     assert ens.route(cooking, top_k=1)[0][0] < 4
     assert isinstance(ens.generate(law[:80], max_new_tokens=4), str)
+
+
+def test_a_running_server_serves_the_new_experts_after_reload(grown):
+    server = grown[1]["server"]
+    experts = lambda: [e["cluster_id"] for e in server.client().models.list().data[0].model_extra["cbtm"]["experts"]]
+    assert experts() == [0, 1, 2, 3]  # pinned at start, whatever the run directory now holds
+    assert httpx.post(server.url + "/v1/reload").json()["changed_experts"] == [4, 5]
+    assert experts() == [0, 1, 2, 3, 4, 5]
+    law = next(r["text"] for r in demo_records(30, ("law",))[24:])
+    r = server.client().completions.create(model="tiny", prompt=law[:80], max_tokens=4, temperature=0,
+                                           extra_body={"top_k": 1})
+    assert r.model_extra["cbtm"]["choices"][0]["experts"][0]["cluster_id"] >= 4
 
 
 def test_remove_and_restore_change_routing_and_exclusions_work_per_call(grown, capsys):

@@ -5,6 +5,7 @@ Each kill is a real SIGKILL of a real `cbtm` subprocess, sent by the process its
 compared by inode and mtime, not only bytes: training is deterministic, so rewritten files would be equal.
 """
 import json
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 
 from ensemble import Ensemble
 from ground.rundir import RunDir
+from tests.conftest import demo_records, write_jsonl
 from tests.trust.conftest import cbtm, snapshot
 
 pytestmark = pytest.mark.faults
@@ -106,22 +108,17 @@ def test_a_killed_evaluation_keeps_the_baseline_experts_it_trained(killed_build,
 
 
 def test_a_killed_add_resumes_and_never_touches_the_old_experts(killed_build, cli_env, tmp_path):
-    import shutil
-
-    from tests.conftest import demo_records, write_jsonl
-
     run = RunDir(shutil.copytree(killed_build[0].root, tmp_path / "run"))
     new = write_jsonl(tmp_path / "new.jsonl", demo_records(24, ("law", "programming")))
     args = ["add", str(run.root), "--corpus", str(new), "--new-clusters", "2"]
     old = snapshot(run.root, ("experts",))
     before = (run.centroids_path.stat().st_ino, run.corpus_path.stat().st_ino)
-    assert cbtm(args, cli_env, fault="add:staged").returncode == KILLED
-    assert run.read_manifest().jobs["add"]["phase"] == "staged"
+    assert cbtm(args, cli_env, fault="expert:run:3").returncode == KILLED  # staged, one new expert recorded
+    three = snapshot(run.root, ("experts/3",))
+    job = run.read_manifest().jobs["add"]
+    assert three and job["phase"] == "staged" and job["done"] == [3]
     assert (run.centroids_path.stat().st_ino, run.corpus_path.stat().st_ino) == before  # nothing swapped yet
     assert Ensemble.load(run.root).n_experts == 3  # the run still serves as it was
-    assert cbtm(args, cli_env, fault="expert:run:3").returncode == KILLED
-    three = snapshot(run.root, ("experts/3",))
-    assert three and run.read_manifest().jobs["add"]["done"] == [3]
     assert cbtm(args, cli_env, fault="add:swap:embeddings").returncode == KILLED  # killed between two renames
     result = cbtm(args, cli_env)
     assert result.returncode == 0, result.stderr[-2000:]
