@@ -118,7 +118,9 @@ class StackedBackend:
             for start in range(0, len(ids) - 1, self.max_positions - 1):
                 segments.append((j, int(expert), ids[start:start + self.max_positions]))
         parts: list[list[np.ndarray]] = [[] for _ in jobs]
-        run = lambda chunk, w, g: score_lanes(self.stack, w, g, [s[2] for s in chunk])  # noqa: E731
+        def run(chunk, weights, groups):
+            return score_lanes(self.stack, weights, groups, [s[2] for s in chunk])
+
         for chunk, out in self._forwards(segments, run):
             for (j, _, _), lp in zip(chunk, out):
                 parts[j].append(lp)
@@ -129,7 +131,9 @@ class StackedBackend:
         (cluster_id, ids, m) job; ids must fit max_positions."""
         segments = [(j, int(expert), ids, m) for j, (expert, ids, m) in enumerate(jobs)]
         out: list = [None] * len(jobs)
-        run = lambda chunk, w, g: tail_lanes(self.stack, w, g, [s[2] for s in chunk], [s[3] for s in chunk])  # noqa
+        def run(chunk, weights, groups):
+            return tail_lanes(self.stack, weights, groups, [s[2] for s in chunk], [s[3] for s in chunk])
+
         for chunk, probs in self._forwards(segments, run):
             for s, p in zip(chunk, probs):
                 out[s[0]] = p

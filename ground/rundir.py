@@ -105,14 +105,24 @@ class Manifest:
             raise IncompatibleRunError(
                 f"{where} has schema version {version}, this cbtm reads versions 1 and {SCHEMA_VERSION}: rebuild "
                 "the run with this version (cbtm run --out NEW_DIR)")
+        fill_added_settings(data.get("config"))
         keys = ("config", "stages", "experts", "embedder", "routing", "removed", "jobs", "additions", "n_clusters",
-                "versions",
-                "created_at")
+                "versions", "created_at")
         return cls(**{k: data[k] for k in keys if k in data})
 
     def routing_value(self, key: str):
         """The recorded value of routing setting ``key`` (None before the assemble stage)."""
         return (self.routing.get(key) or {}).get("value")
+
+
+def fill_added_settings(config: dict | None) -> None:
+    """Settings a run's config predates, filled (in place) with what that run was built with, never with today's
+    defaults: no seed-phase share (`seed.pretrain_share`, default now 0.75) and centroid routing
+    (`ensemble.router`, default now "prefix"). Early schema-2 runs lack them too."""
+    if config and "seed" in config:
+        config["seed"].setdefault("pretrain_share", 0.0)
+    if config and "ensemble" in config:
+        config["ensemble"].setdefault("router", "centroid")
 
 
 def migrate_v1(data: dict, root: Path) -> dict:
@@ -127,9 +137,8 @@ def migrate_v1(data: dict, root: Path) -> dict:
     ensemble = config.setdefault("ensemble", {})
     if "temperature" in ensemble:
         ensemble["route_temperature"] = ensemble.pop("temperature")
-    ensemble.setdefault("router", "centroid")  # schema 1 had no other router
     seed, train = config.setdefault("seed", {}), config.setdefault("train", {})
-    seed.setdefault("pretrain_share", 0.0)
+    fill_added_settings(config)  # the sections exist now: schema 1 had neither setting
     if seed.get("pretrain_tokens") and train.get("total_tokens"):
         train["total_tokens"] += seed["pretrain_tokens"]  # the experts keep the budget they were trained with
     temperature, top_k = data.pop("temperature", None), data.pop("top_k", None)

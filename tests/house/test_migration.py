@@ -8,6 +8,7 @@ import pytest
 
 from ensemble import Ensemble
 from flows.cli import main
+from flows.config import PipelineConfig
 from flows.pipeline import retrain
 from ground.rundir import RunDir
 
@@ -57,3 +58,17 @@ def test_clearing_the_tuned_temperature_returns_to_the_config(v1_run, capsys):
     manifest = RunDir(v1_run).read_manifest()
     assert "route_temperature" not in manifest.routing
     assert Ensemble.load(v1_run).route_temperature == 0.1
+
+
+def test_an_early_schema_2_run_keeps_the_settings_it_was_built_with(v1_run):
+    """Schema-2 runs written before `seed.pretrain_share` and `ensemble.router` existed: no seed phase, centroid
+    routing — not today's defaults (0.75, prefix), which would send `cbtm eval --baselines` looking for a seed
+    phase the run never had."""
+    run = RunDir(v1_run)
+    data = run.read_manifest().to_json()
+    del data["config"]["seed"]["pretrain_share"], data["config"]["ensemble"]["router"]
+    (v1_run / "manifest.json").write_text(json.dumps(data))
+    cfg = PipelineConfig.from_dict(run.read_manifest().config)
+    assert (cfg.seed.pretrain_share, cfg.seed_tokens(), cfg.ensemble.router) == (0.0, 0, "centroid")
+    assert Ensemble.load(v1_run).generate("The stars shine over the", max_new_tokens=8, top_k=2) == \
+        expected()["generate_top2"]
