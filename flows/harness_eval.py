@@ -112,5 +112,8 @@ def plot_harness(result: dict, path: Path) -> Path:
         ax.bar(range(len(names)), [v[1] if v else 0 for v in values], color="tab:blue")
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
         ax.set_title(task, fontsize=9)
-        ax.set_ylabel(next((v[0] for v in values if v), ""))
+        metric = next((v[0] for v in values if v), "")
+        ax.set_ylabel(metric)
+        if "perplexity" in metric and all(v and v[1] > 0 for v in values):
+            ax.set_yscale("log")  # random clusters can be 100x worse: a linear axis would flatten the rest
     return save_figure(fig, path)
