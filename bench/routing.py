@@ -34,7 +34,7 @@ def ensure_router(run: RunDir) -> None:
         cfg = PipelineConfig.from_dict(run.read_manifest().config)
         start = time.perf_counter()
         train_router(run.corpus_path, run.clusters_dir, run.tokenizer_dir, cfg.embed, run.embeddings_dir,
-                     run.router_dir)
+                     run.router_dir, run.router_cache)
         print(f"fitted the prefix router in {time.perf_counter() - start:.0f} s")
 
 

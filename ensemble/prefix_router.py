@@ -8,10 +8,14 @@ from centroid routing and corrects it where prefixes are short; its features:
 
 - the prefix's routing embedding (the run's embedder) and its squared distances to the centroids, the
   distances also once per prefix-length bucket (so that it learns how far to trust them at each length);
+- a per-cluster n-gram model's log-posteriors (`ensemble.prefix_ngrams.NgramModel`, counted on all the
+  training documents), also once per length bucket;
 - hashed unigrams and bigrams of the experts' own tokens (names, headers, jargon that short prefixes share).
 
 Its temperature is fitted on held-out prefixes, so that its probabilities are calibrated. Saved in the run's
-``router/`` directory, open formats only: settings.json, coef.npy (float32 [k, F]), intercept.npy (float32 [k]).
+``router/`` directory, open formats only: settings.json, coef.npy (float32 [k, F]), intercept.npy (float32 [k]),
+ngram_log_probs.npy (float32 [k, N_HASHED]; version 2 on). A run of one cluster gets a trivial router (no
+features: nothing to decide), so that a dense baseline embeds nothing.
 """
 from __future__ import annotations
 
@@ -24,42 +28,21 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from cluster.kmeans import squared_distances
+from ensemble.prefix_ngrams import MAX_DOCS as NGRAM_DOCS
+from ensemble.prefix_ngrams import N_HASHED, NgramModel, hashed_ngrams, ngram_posteriors
 from ground.errors import IncompatibleRunError
 from ground.files import atomic_dir
 
 log = logging.getLogger(__name__)
 
 FORMAT = "cbtm-prefix-router"
-N_HASHED = 1 << 16
+VERSION = 2  # 1: no n-gram model (still read)
 PREFIX_LENGTHS = (8, 16, 32, 64, 128, 256)
 PREFIX_CHARS = 4000  # characters of a document tokenized to cut its prefixes from (>= 256 tokens)
 MAX_DOCS = 4000      # training documents the router learns from
 PER_DOC = 4          # prefixes of different lengths per training document
 CENTROID_T = 0.1     # the centroid routing the router starts from: -d^2 / CENTROID_T
 L2_GRID = (1e-3, 1e-2, 1e-1)  # penalties tried; the one with the best held-out likelihood is kept
-_PRIME = 1_000_003
-
-
-def hashed_ngrams(token_ids: list[list[int]], n_features: int = N_HASHED):
-    """Hashed unigram + bigram counts of each token sequence, log-scaled, rows L2-normalised: a scipy CSR
-    float32 [n, n_features]."""
-    from scipy.sparse import csr_matrix
-
-    rows, cols, vals = [], [], []
-    for r, ids in enumerate(token_ids):
-        ids = np.asarray(ids, dtype=np.int64)
-        keys = np.concatenate([ids % n_features, (ids[:-1] * _PRIME + ids[1:] + 7) % n_features]) \
-            if len(ids) > 1 else ids % n_features
-        uniq, counts = np.unique(keys, return_counts=True)
-        weights = np.log1p(counts).astype(np.float32)
-        weights /= max(float(np.linalg.norm(weights)), 1e-12)
-        rows.append(np.full(len(uniq), r))
-        cols.append(uniq)
-        vals.append(weights)
-    if not rows:
-        return csr_matrix((0, n_features), dtype=np.float32)
-    return csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-                      shape=(len(token_ids), n_features), dtype=np.float32)
 
 
 def length_bucket(n_tokens: np.ndarray) -> np.ndarray:
@@ -68,36 +51,61 @@ def length_bucket(n_tokens: np.ndarray) -> np.ndarray:
     return np.abs(np.log(np.maximum(np.asarray(n_tokens, dtype=np.float64), 1.0))[:, None] - logs[None]).argmin(1)
 
 
-def prefix_features(vectors: np.ndarray, centroids: np.ndarray, token_ids: list[list[int]]):
-    """The router's features of prefixes: [embedding, -d^2 to each centroid, -d^2 x length bucket, hashed
-    n-grams], a CSR float32 matrix [n, dim + k + 6k + N_HASHED]."""
+def _by_length(values: np.ndarray, buckets: np.ndarray) -> np.ndarray:
+    """[n, k] values once more per prefix-length bucket: [n, 6k], zero outside each row's own bucket."""
+    onehot = np.eye(len(PREFIX_LENGTHS), dtype=np.float32)[buckets]
+    return (values[:, :, None] * onehot[:, None, :]).reshape(len(values), -1)
+
+
+def prefix_features(vectors: np.ndarray, centroids: np.ndarray, token_ids: list[list[int]],
+                    ngram: np.ndarray | None = None):
+    """The router's features of prefixes: [embedding, -d^2 to each centroid, -d^2 x length bucket, n-gram
+    log-posteriors, the same x length bucket, hashed n-grams], a CSR float32 matrix
+    [n, dim + 7k + 7k + N_HASHED]; ``ngram`` float32 [n, k]: the n-gram model's log-posteriors (None: a
+    version-1 router, without those 7k columns)."""
     from scipy.sparse import csr_matrix, hstack
 
     d2 = -squared_distances(vectors, centroids)
-    onehot = np.eye(len(PREFIX_LENGTHS), dtype=np.float32)[length_bucket([len(t) for t in token_ids])]
-    by_length = (d2[:, :, None] * onehot[:, None, :]).reshape(len(d2), -1)
-    dense = np.hstack([vectors, d2, by_length]).astype(np.float32)
+    buckets = length_bucket([len(t) for t in token_ids])
+    blocks = [vectors, d2, _by_length(d2, buckets)]
+    if ngram is not None:
+        blocks += [ngram, _by_length(ngram, buckets)]
+    dense = np.hstack(blocks).astype(np.float32)
     return hstack([csr_matrix(dense), hashed_ngrams(token_ids)], format="csr")
 
 
-def _documents(corpus_path: Path, assignments_path: Path, split: str, column: str, limit: int, rng):
+def _documents(corpus_path: Path, assignments_path: Path, split: str, column: str, limit: int, rng,
+               sample: bool = True):
+    """(doc ids, texts cut to PREFIX_CHARS, labels) of up to ``limit`` documents of a split: a seeded sample,
+    or (``sample=False``) the first ones."""
     docs = pq.read_table(corpus_path, columns=["id", "text", "split"], filters=[("split", "=", split)])
     assign = pq.read_table(assignments_path, columns=["id", column])
     label = dict(zip(assign.column("id").to_pylist(), assign.column(column).to_pylist()))
     ids, texts = docs.column("id").to_pylist(), docs.column("text").to_pylist()
-    order = rng.permutation(len(ids))[:limit]
-    return [texts[i][:PREFIX_CHARS] for i in order], [int(label[ids[i]]) for i in order]
+    order = rng.permutation(len(ids))[:limit] if sample else np.arange(min(limit, len(ids)))
+    return ([ids[i] for i in order], [texts[i][:PREFIX_CHARS] for i in order],
+            [int(label[ids[i]]) for i in order])
 
 
-def _prefixes(encoded: list[list[int]], labels: list[int], rng) -> tuple[list[list[int]], np.ndarray]:
-    """PER_DOC prefixes per document, of lengths drawn from PREFIX_LENGTHS (a shorter document: its whole text)."""
-    out, y = [], []
-    for ids, label in zip(encoded, labels):
+def _prefixes(encoded: list[list[int]], labels: list[int], rng) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
+    """PER_DOC prefixes per document, of lengths drawn from PREFIX_LENGTHS (a shorter document: its whole
+    text); returns (prefixes, labels int64 [m], the index of each prefix's document int64 [m])."""
+    out, y, owner = [], [], []
+    for i, (ids, label) in enumerate(zip(encoded, labels)):
         for length in rng.choice(PREFIX_LENGTHS, size=PER_DOC, replace=False):
             if ids:
                 out.append(ids[:length])
                 y.append(label)
-    return out, np.asarray(y, dtype=np.int64)
+                owner.append(i)
+    return out, np.asarray(y, dtype=np.int64), np.asarray(owner, dtype=np.int64)
+
+
+def _ngram_model(corpus_path: Path, assignments_path: Path, k: int, encode) -> tuple[NgramModel, dict]:
+    """The n-gram model of (up to NGRAM_DOCS) training documents, and each counted document's fold by id."""
+    ids, texts, labels = _documents(corpus_path, assignments_path, "train", "cluster_id", NGRAM_DOCS, None,
+                                    sample=False)
+    model = NgramModel(encode(texts), np.asarray(labels), k)
+    return model, {doc_id: i % model.counts.shape[0] for i, doc_id in enumerate(ids)}
 
 
 def fit_prefix_router(corpus_path: Path, assignments_path: Path, centroids: np.ndarray,
@@ -109,44 +117,74 @@ def fit_prefix_router(corpus_path: Path, assignments_path: Path, centroids: np.n
     centroid routing."""
     rng = np.random.default_rng(seed)
     k = len(centroids)
+    if k == 1:
+        return _write_router(out_dir, np.zeros((1, 0), np.float32), np.zeros(1, np.float32), None,
+                             {"n_features": 0, "n_clusters": 1, "temperature": 1.0, "trivial": True})
     # Labelled by each document's nearest centroid: what full-text routing picks (a balanced training
     # assignment moves documents to a farther cluster only to even out the experts' data).
-    texts, labels = _documents(corpus_path, assignments_path, "train", "cluster_id", MAX_DOCS, rng)
-    held, held_labels = _documents(corpus_path, assignments_path, "heldout", "cluster_id", MAX_DOCS // 4, rng)
+    doc_ids, texts, labels = _documents(corpus_path, assignments_path, "train", "cluster_id", MAX_DOCS, rng)
+    held_ids, held, held_labels = _documents(corpus_path, assignments_path, "heldout", "cluster_id",
+                                             MAX_DOCS // 4, rng)
     if len(held) < 20:  # too few held-out documents: calibrate on a tenth of the training ones instead
         cut = max(1, len(texts) // 10)
-        held, held_labels, texts, labels = texts[:cut], labels[:cut], texts[cut:], labels[cut:]
-    x_ids, y = _prefixes(encode(texts), labels, rng)
-    h_ids, hy = _prefixes(encode(held), held_labels, rng)
-    x = prefix_features(embed([decode(t) for t in x_ids]), centroids, x_ids)
+        held_ids, held, held_labels = doc_ids[:cut], texts[:cut], labels[:cut]
+        doc_ids, texts, labels = doc_ids[cut:], texts[cut:], labels[cut:]
+    ngrams, fold_of = _ngram_model(corpus_path, assignments_path, k, encode)
+    x_ids, y, owner = _prefixes(encode(texts), labels, rng)
+    h_ids, hy, h_owner = _prefixes(encode(held), held_labels, rng)
+    # Every prefix's n-gram posterior leaves out its own document's counts (held-out documents have none).
+    folds = np.array([fold_of.get(doc_ids[i], -1) for i in owner], dtype=np.int64)
+    h_folds = np.array([fold_of.get(held_ids[i], -1) for i in h_owner], dtype=np.int64)
+    x = prefix_features(embed([decode(t) for t in x_ids]), centroids, x_ids, ngrams.cross_fitted(x_ids, folds))
     h_vectors = embed([decode(t) for t in h_ids])
-    h_x = prefix_features(h_vectors, centroids, h_ids)
+    h_x = prefix_features(h_vectors, centroids, h_ids, ngrams.cross_fitted(h_ids, h_folds))
+    d2_col = h_vectors.shape[1]
     fits = []
     for l2 in L2_GRID:  # the penalty that predicts held-out prefixes best (calibrated log-likelihood)
-        coef, intercept = fit_residual(x, y, k, l2)
+        coef, intercept = fit_residual(x, y, k, l2, d2_col)
         raw = _raw_logits(h_x, coef, intercept)
         tau, nll = _calibrate(raw, hy)
         fits.append((nll, l2, coef, intercept, raw, tau))
-    _, l2, coef, intercept, raw, tau = min(fits, key=lambda f: f[0])
+    nll, l2, coef, intercept, raw, tau = min(fits, key=lambda f: f[0])
     lengths = np.asarray(PREFIX_LENGTHS)[length_bucket([len(t) for t in h_ids])]
     nearest = squared_distances(h_vectors, centroids).argmin(1)
-    info = {"format": FORMAT, "version": 1, "n_features": int(x.shape[1]), "n_clusters": k, "temperature": tau,
-            "l2": l2,
-            "prefix_lengths": list(PREFIX_LENGTHS), "train_prefixes": len(x_ids), "heldout_prefixes": len(h_ids),
+    info = {"n_features": int(x.shape[1]), "n_clusters": k, "temperature": tau, "l2": l2,
+            "heldout_nll": round(nll, 4),
+            "prefix_lengths": list(PREFIX_LENGTHS), "train_prefixes": len(x_ids),
+            "heldout_prefixes": len(h_ids), "ngram_documents": len(fold_of),
             "heldout_top1_agreement": _agreement(raw.argmax(1), hy, lengths),
             "heldout_top1_agreement_centroid": _agreement(nearest, hy, lengths)}
-    with atomic_dir(Path(out_dir)) as tmp:
-        np.save(tmp / "coef.npy", coef)
-        np.save(tmp / "intercept.npy", intercept)
-        (tmp / "settings.json").write_text(json.dumps(info, indent=2) + "\n")
+    info = _write_router(out_dir, coef, intercept, ngrams.log_probs(), info)
     log.info("router: prefix router on %d prefixes, temperature %.3f, held-out top-1 agreement %s (centroid %s)",
              len(x_ids), tau, info["heldout_top1_agreement"], info["heldout_top1_agreement_centroid"])
     return info
 
 
-def fit_residual(x, y: np.ndarray, k: int, l2: float, steps: int = 60) -> tuple[np.ndarray, np.ndarray]:
+def router_is_current(directory: Path) -> bool:
+    """Whether ``directory`` holds a prefix router of this version (an older one is still read, not refitted)."""
+    try:
+        info = json.loads((Path(directory) / "settings.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return info.get("format") == FORMAT and info.get("version") == VERSION
+
+
+def _write_router(out_dir: Path, coef: np.ndarray, intercept: np.ndarray, log_probs: np.ndarray | None,
+                  info: dict) -> dict:
+    info = {"format": FORMAT, "version": VERSION, **info}
+    with atomic_dir(Path(out_dir)) as tmp:
+        np.save(tmp / "coef.npy", coef)
+        np.save(tmp / "intercept.npy", intercept)
+        if log_probs is not None:
+            np.save(tmp / "ngram_log_probs.npy", log_probs)
+        (tmp / "settings.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def fit_residual(x, y: np.ndarray, k: int, l2: float, d2_col: int, steps: int = 60) -> tuple[np.ndarray, np.ndarray]:
     """Multinomial logistic regression on top of centroid routing: logits = -d^2 / T0 + x W + b, W and b
-    L2-penalised, so that with no evidence the router is the centroid router (its d^2 columns are in ``x``).
+    L2-penalised, so that with no evidence the router is the centroid router (its d^2 columns are
+    ``x[:, d2_col:d2_col + k]``).
     Full-batch L-BFGS (torch, sparse ``x``). Returns (coef float32 [k, F] with the -d^2/T0 part folded into the
     d^2 columns, intercept float32 [k])."""
     import torch
@@ -154,9 +192,8 @@ def fit_residual(x, y: np.ndarray, k: int, l2: float, steps: int = 60) -> tuple[
     x = x.tocoo()
     xt = torch.sparse_coo_tensor(np.vstack([x.row, x.col]), x.data, x.shape, dtype=torch.float32,
                                  check_invariants=False).coalesce()
-    dim = x.shape[1] - N_HASHED - 7 * k  # the embedding's width: the d^2 columns follow it
     base = torch.zeros(x.shape[1], k)
-    base[dim:dim + k] = torch.eye(k) / CENTROID_T
+    base[d2_col:d2_col + k] = torch.eye(k) / CENTROID_T
     target = torch.as_tensor(y, dtype=torch.long)
     w = torch.zeros(x.shape[1], k, requires_grad=True)
     b = torch.zeros(k, requires_grad=True)
@@ -185,15 +222,18 @@ def _raw_logits(x, coef: np.ndarray, intercept: np.ndarray) -> np.ndarray:
     return np.asarray(x @ coef.T, dtype=np.float64) + intercept[None, :]
 
 
+def _nll(logits: np.ndarray, labels: np.ndarray) -> float:
+    z = logits - logits.max(1, keepdims=True)
+    return float(-(z[np.arange(len(z)), labels] - np.log(np.exp(z).sum(1))).mean())
+
+
 def _calibrate(raw: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     """(tau, its negative log-likelihood): the temperature minimising the held-out NLL of softmax(raw / tau)."""
     if not len(labels):
         return 1.0, 0.0
     best, best_nll = 1.0, np.inf
     for tau in np.exp(np.linspace(np.log(0.05), np.log(20.0), 61)):
-        z = raw / tau
-        z = z - z.max(1, keepdims=True)
-        nll = float(-(z[np.arange(len(z)), labels] - np.log(np.exp(z).sum(1))).mean())
+        nll = _nll(raw / tau, labels)
         if nll < best_nll:
             best, best_nll = float(tau), nll
     return best, best_nll
@@ -215,10 +255,14 @@ class PrefixRouter:
             self.info = json.loads((directory / "settings.json").read_text())
             self.coef = np.load(directory / "coef.npy", allow_pickle=False)
             self.intercept = np.load(directory / "intercept.npy", allow_pickle=False)
+            ngram_path = directory / "ngram_log_probs.npy"
+            self.ngram = np.load(ngram_path, allow_pickle=False) if self.info.get("version", 1) >= 2 \
+                and not self.info.get("trivial") else None
         except (OSError, ValueError) as exc:
             raise IncompatibleRunError(f"the prefix router in {directory} is missing or damaged "
                                        f"({type(exc).__name__}): rebuild it with `cbtm run --out RUN`") from exc
-        if self.info.get("format") != FORMAT or self.coef.shape != (len(centroids), self.info["n_features"]):
+        if self.info.get("format") != FORMAT or self.coef.shape != (len(centroids), self.info["n_features"]) \
+                or (self.ngram is not None and self.ngram.shape != (len(centroids), N_HASHED)):
             raise IncompatibleRunError(f"the prefix router in {directory} does not fit this run's clusters: rebuild "
                                        "it with `cbtm run --out RUN --force cluster`")
         self.centroids, self.embed, self.encode, self.decode = np.asarray(centroids, np.float32), embed, encode, decode
@@ -226,8 +270,12 @@ class PrefixRouter:
 
     def vectors(self, texts: list[str]):
         """The router's features of each text's last `context_tokens` tokens (CSR float32 [n, n_features])."""
+        if self.info.get("trivial"):  # one cluster: nothing to decide, nothing to embed
+            from scipy.sparse import csr_matrix
+            return csr_matrix((len(texts), 0), dtype=np.float32)
         ids = [self.encode(t)[-self.context_tokens:] for t in texts]
-        return prefix_features(self.embed([self.decode(t) for t in ids]), self.centroids, ids)
+        ngram = None if self.ngram is None else ngram_posteriors(self.ngram, ids)
+        return prefix_features(self.embed([self.decode(t) for t in ids]), self.centroids, ids, ngram)
 
     def logits(self, vectors, columns: np.ndarray) -> np.ndarray:
         """Calibrated logits float64 [n, len(columns)] of each text over the listed clusters."""

@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from cluster.fixed import fixed_clusters, random_train_labels
+from ensemble.prefix_router import router_is_current
 from experts.budget import cluster_token_counts, steps_per_expert
 from experts.config import TrainConfig
 from experts.train import train_expert
@@ -134,6 +135,8 @@ def _derived_manifest(parent: RunDir, pm: Manifest, cfg: PipelineConfig, run: Ru
         manifest = run.read_manifest()
         record = manifest.stages.get("cluster") or {}
         if record.get("inputs") == key and hash_path(run.clusters_dir) == record.get("outputs"):
+            if cfg.ensemble.router == "prefix" and not router_is_current(run.router_dir):  # cbtm's router changed
+                _fit_router(parent, cfg, run)
             return manifest
         shutil.rmtree(run.root)
     derived_cfg = cfg.to_dict()
@@ -150,10 +153,14 @@ def _derived_manifest(parent: RunDir, pm: Manifest, cfg: PipelineConfig, run: Ru
     if (parent.embeddings_dir / "tfidf").is_dir():
         shutil.copytree(parent.embeddings_dir / "tfidf", run.embeddings_dir / "tfidf", dirs_exist_ok=True)
     if cfg.ensemble.router == "prefix":  # its own clusters: its own router
-        train_router(parent.corpus_path, run.clusters_dir, run.tokenizer_dir, cfg.embed, parent.embeddings_dir,
-                     run.router_dir, parent.router_cache)
+        _fit_router(parent, cfg, run)
     run.record_stage(manifest, "cluster", key, hash_path(run.clusters_dir))
     return manifest
+
+
+def _fit_router(parent: RunDir, cfg: PipelineConfig, run: RunDir) -> None:
+    train_router(parent.corpus_path, run.clusters_dir, run.tokenizer_dir, cfg.embed, parent.embeddings_dir,
+                 run.router_dir, parent.router_cache)
 
 
 def _steps(parent: RunDir, branch: Path, run: RunDir, train: TrainConfig, n_clusters: int, name: str) -> dict:

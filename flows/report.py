@@ -68,7 +68,7 @@ def write_report(run: RunDir, manifest: Manifest, label_field: str | None = None
              f"{_routing(manifest, 'route_temperature')}, default top-k {_routing(manifest, 'top_k')}. "
              f"Corpus `{manifest.config.get('corpus', {}).get('path')}`.", "",
              clusters_markdown(run.clusters_dir, "plots"), "", *_experts_section(run, manifest, ids),
-             *_growth_section(manifest), *_evaluation_section(run), *_harness_section(run)]
+             *_router_section(run), *_growth_section(manifest), *_evaluation_section(run), *_harness_section(run)]
     atomic_write_text(run.report_path, "\n".join(lines) + "\n")
     return run.report_path
 
@@ -84,6 +84,22 @@ def _experts_section(run: RunDir, manifest: Manifest, ids: list[int]) -> list[st
         lines.append(f"| {cid} | `{e.get('path')}` | {e.get('steps')} | {e.get('tokens')} | "
                      f"{_fmt(e.get('train_loss'))} | {_fmt(e.get('val_loss'))} | {e.get('seconds')} | {link} |")
     return lines
+
+
+def _router_section(run: RunDir) -> list[str]:
+    """How often the prefix router picks a held-out document's own cluster from its first tokens."""
+    path = run.router_dir / "settings.json"
+    info = json.loads(path.read_text()) if path.exists() else {}
+    agree, centroid = info.get("heldout_top1_agreement"), info.get("heldout_top1_agreement_centroid", {})
+    if not agree:
+        return []
+    return ["", "## Prefix router", "",
+            f"Trained on {info.get('train_prefixes')} prefixes of training documents (n-gram model counted on "
+            f"{info.get('ngram_documents', 'no')} documents), calibrated temperature {info['temperature']:.3f}. "
+            "Top-1 agreement with each held-out document's own cluster, from its first tokens:", "",
+            "| first tokens | " + " | ".join(agree) + " |", "|---|" + "---:|" * len(agree),
+            "| prefix router | " + " | ".join(f"{v:.3f}" for v in agree.values()) + " |",
+            "| centroid routing | " + " | ".join(_fmt(centroid.get(n)) for n in agree) + " |"]
 
 
 def _growth_section(manifest: Manifest) -> list[str]:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from ensemble.prefix_router import VERSION as ROUTER_VERSION
 from flows.config import PipelineConfig
 from ground import faults
 from ground.files import hash_json, hash_path, model_files
@@ -52,7 +53,8 @@ def stage_inputs(cfg: PipelineConfig, manifest: Manifest, stage: str, cluster_id
     if stage == "train":
         return hash_json({cid: e.get("inputs") for cid, e in sorted(manifest.experts.items())})
     if stage == "router":
-        return hash_json({"router": cfg.ensemble.router, "cluster": up("cluster"), "tokenizer": up("tokenizer")})
+        return hash_json({"router": cfg.ensemble.router, "version": ROUTER_VERSION, "cluster": up("cluster"),
+                          "tokenizer": up("tokenizer")})
     if stage == "assemble":
         return hash_json({"cfg": hashed_settings(cfg.ensemble), "train": up("train"), "cluster": up("cluster"),
                           "router": up("router") if cfg.ensemble.router == "prefix" else None})

@@ -71,6 +71,18 @@ def test_a_baseline_retrains_only_its_deleted_expert(run_copy, prefect_harness):
     assert plan_baseline(RunDir(run_copy), "random").todo == [1]
 
 
+def test_an_older_router_of_a_baseline_is_refitted_and_dense_gets_a_trivial_one(run_copy):
+    settings = plan_baseline(RunDir(run_copy), "random").run.router_dir / "settings.json"
+    info = json.loads(settings.read_text())
+    assert info["version"] == 2 and info["n_clusters"] == 3
+    settings.write_text(json.dumps({**info, "version": 1}))  # as an older cbtm left it
+    inode = settings.stat().st_ino
+    plan_baseline(RunDir(run_copy), "random")
+    assert json.loads(settings.read_text())["version"] == 2 and settings.stat().st_ino != inode
+    dense = json.loads((plan_baseline(RunDir(run_copy), "dense").run.router_dir / "settings.json").read_text())
+    assert dense["trivial"] and dense["n_features"] == 0
+
+
 def test_eval_of_a_run_with_untrained_experts_names_them_and_evaluates_nothing(run_copy, capsys):
     shutil.rmtree(run_copy / "experts" / "1")
     assert main(["eval", str(run_copy), "--baselines", "dense"]) == 2

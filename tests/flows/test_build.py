@@ -18,7 +18,7 @@ EXPECTED_FILES = {
     "embeddings/meta.json", "embeddings/embedder.json", "embeddings/shard-00000.npy",
     "embeddings/shard-00000.ids.json", "embeddings/tfidf/settings.json", "embeddings/tfidf/vocabulary.json",
     "embeddings/tfidf/idf.npy", "embeddings/tfidf/components.npy",
-    "router/settings.json", "router/coef.npy", "router/intercept.npy",
+    "router/settings.json", "router/coef.npy", "router/intercept.npy", "router/ngram_log_probs.npy",
     "clusters/centroids.npy", "clusters/assignments.parquet", "clusters/clusters.json",
     "plots/cluster_sizes.png", "plots/cluster_map.png", "plots/cluster_labels.png", "plots/loss_curves.png",
     "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json",
@@ -60,6 +60,7 @@ def test_build_writes_the_run_directory_contract(built_run):
         assert entry["files"]["model.safetensors"] == {"size": weights.stat().st_size, "sha256": file_sha256(weights)}
     report = (built_run / "report.md").read_text()
     assert "plots/cluster_sizes.png" in report and "| 2 |" in report
+    assert "## Prefix router" in report and "| centroid routing |" in report
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(built_run / "experts" / "0").config.vocab_size > 0

@@ -1,0 +1,81 @@
+"""The prefix router's n-gram evidence and its trivial one-cluster form: pure numpy/scipy, no models."""
+import json
+
+import numpy as np
+import pytest
+
+from ensemble.prefix_ngrams import FOLDS, N_HASHED, NgramModel, hashed_ngrams, ngram_keys, ngram_posteriors
+from ensemble.prefix_router import PrefixRouter, fit_prefix_router, prefix_features
+from ground.errors import IncompatibleRunError
+
+
+def test_keys_are_in_range_and_bigrams_depend_on_order():
+    keys = ngram_keys([5, 9, 70000])
+    assert keys.min() >= 0 and keys.max() < N_HASHED and len(keys) == 5
+    assert set(ngram_keys([1, 2])) != set(ngram_keys([2, 1]))
+    assert len(ngram_keys([])) == 0 and len(ngram_keys([3])) == 1
+
+
+def test_hashed_rows_are_unit_length():
+    x = hashed_ngrams([[1, 2, 3, 1, 2], [7], []])
+    norms = np.sqrt(np.asarray(x.multiply(x).sum(1))).ravel()
+    assert np.allclose(norms[:2], 1.0) and norms[2] == 0
+
+
+def _two_topics(n_docs: int, rng):
+    """Documents of cluster 0 draw tokens from 0-49, of cluster 1 from 50-99."""
+    labels = np.arange(n_docs) % 2
+    return [list(rng.integers(50 * c, 50 * c + 50, size=40)) for c in labels], labels
+
+
+def test_posteriors_find_the_cluster_of_a_short_prefix():
+    rng = np.random.default_rng(0)
+    docs, labels = _two_topics(200, rng)
+    model = NgramModel(docs, labels, 2)
+    probe, probe_labels = _two_topics(50, rng)
+    post = ngram_posteriors(model.log_probs(), [d[:4] for d in probe])
+    assert post.shape == (50, 2) and post.dtype == np.float32
+    assert np.allclose(np.exp(post).sum(1), 1.0, atol=1e-5)  # log-normalised rows
+    assert (post.argmax(1) == probe_labels).mean() >= 0.95
+
+
+def test_cross_fitting_hides_a_documents_own_counts():
+    """A token only one document has is evidence for its cluster under all counts, none without its fold."""
+    rng = np.random.default_rng(1)
+    docs, labels = _two_topics(20, rng)
+    docs[3] = docs[3] + [777]  # document 3 (cluster 1) alone has token 777
+    model = NgramModel(docs, labels, 2)
+    full = ngram_posteriors(model.log_probs(), [[777]])
+    crossed = model.cross_fitted([[777]], np.array([3 % FOLDS]))
+    uncounted = model.cross_fitted([[777]], np.array([-1]))
+    assert full[0, 1] > full[0, 0] + 1.0
+    assert abs(crossed[0, 1] - crossed[0, 0]) < 0.1  # no evidence left: only the clusters' totals differ
+    assert np.allclose(uncounted, full)
+
+
+def test_features_keep_version_1_layout_without_an_ngram_model():
+    rng = np.random.default_rng(2)
+    vectors, centroids = rng.normal(size=(3, 5)).astype(np.float32), rng.normal(size=(4, 5)).astype(np.float32)
+    ids = [[1, 2], [3] * 20, list(range(300))]
+    v1 = prefix_features(vectors, centroids, ids)
+    v2 = prefix_features(vectors, centroids, ids, np.zeros((3, 4), np.float32))
+    assert v1.shape == (3, 5 + 7 * 4 + N_HASHED) and v2.shape == (3, 5 + 14 * 4 + N_HASHED)
+
+
+def test_one_cluster_gets_a_trivial_router_that_embeds_nothing(tmp_path):
+    def never(texts):
+        raise AssertionError("a one-cluster router must not embed")
+
+    info = fit_prefix_router(tmp_path / "no-corpus.parquet", tmp_path / "no-assignments.parquet",
+                             np.zeros((1, 8), np.float32), never, never, never, tmp_path / "router")
+    assert info["trivial"] and json.loads((tmp_path / "router" / "settings.json").read_text())["n_features"] == 0
+    router = PrefixRouter(tmp_path / "router", np.zeros((1, 8), np.float32), never, never, never)
+    logits = router.logits(router.vectors(["a text", "another"]), np.array([0]))
+    assert logits.shape == (2, 1) and np.all(np.isfinite(logits))
+
+
+def test_a_router_that_does_not_fit_the_clusters_is_refused(tmp_path):
+    fit_prefix_router(tmp_path / "c", tmp_path / "a", np.zeros((1, 8), np.float32), None, None, None, tmp_path / "r")
+    with pytest.raises(IncompatibleRunError, match="does not fit"):
+        PrefixRouter(tmp_path / "r", np.zeros((3, 8), np.float32), None, None, None)
+
