@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from ensemble.prefix_ngrams import FOLDS, N_HASHED, NgramModel, hashed_ngrams, ngram_keys, ngram_posteriors
-from ensemble.prefix_router import PrefixRouter, fit_prefix_router, prefix_features
+from ensemble.prefix_router import PrefixRouter, fit_prefix_router, prefix_features, router_is_current
 from ground.errors import IncompatibleRunError
 
 
@@ -79,3 +79,22 @@ def test_a_router_that_does_not_fit_the_clusters_is_refused(tmp_path):
     with pytest.raises(IncompatibleRunError, match="does not fit"):
         PrefixRouter(tmp_path / "r", np.zeros((3, 8), np.float32), None, None, None)
 
+
+
+def test_a_version_1_router_is_still_read_and_routes(tmp_path):
+    """A router an older cbtm wrote (no n-gram model) keeps working until `cbtm run` refits it."""
+    k, dim = 3, 4
+    centroids = np.eye(k, dim, dtype=np.float32)
+    coef = np.zeros((k, dim + 7 * k + N_HASHED), np.float32)
+    coef[:, dim:dim + k] = np.eye(k) * 10  # plain centroid routing
+    (tmp_path / "r").mkdir()
+    np.save(tmp_path / "r" / "coef.npy", coef)
+    np.save(tmp_path / "r" / "intercept.npy", np.zeros(k, np.float32))
+    (tmp_path / "r" / "settings.json").write_text(json.dumps(
+        {"format": "cbtm-prefix-router", "version": 1, "n_features": coef.shape[1], "n_clusters": k,
+         "temperature": 1.0}))
+    assert not router_is_current(tmp_path / "r")
+    router = PrefixRouter(tmp_path / "r", centroids, lambda texts: centroids[[len(t) % k for t in texts]],
+                          lambda t: [ord(c) for c in t], lambda ids: "".join(map(chr, ids)))
+    logits = router.logits(router.vectors(["abc", "a", "ab"]), np.arange(k))
+    assert logits.argmax(1).tolist() == [0, 1, 2]
