@@ -142,8 +142,8 @@ def cmd_eval(args) -> int:
     for kind, b in results["baselines"].items():
         print(f"Baseline {kind}: {b['n_experts']} expert(s), {b['budget_tokens']:,} training tokens in all "
               f"({Path(args.run_dir) / b['path']})")
-    if dense_gain(results):
-        print(dense_gain(results))
+    if gain := dense_gain(results):
+        print(gain)
     print(f"Results: {RunDir(args.run_dir).results_path} (and report.md)")
     return 0
 
