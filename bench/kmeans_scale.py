@@ -58,7 +58,7 @@ def scale(n: int, d: int, k: int, sample: int, n_init: int, slack: float, seed: 
     timed(rows, f"fit k={k} on a {min(n, sample):,}-row sample", lambda: model.fit(x))
     labels, _ = timed(rows, "assign all rows (streaming, 65,536 per batch)", lambda: model.assign(x))
     dist = timed(rows, f"squared distances [n, k] for balancing ({n * k * 4 / 1e9:.2f} GB)", lambda: model.transform(x))
-    del x
+    x = None  # free the vectors before balancing (the lambdas above ran already)
     cap = balance_capacity(n, k, slack)
     bal, prices = timed(rows, f"balanced assignment (capacity {cap:,})",
                         lambda: balanced_assignment(dist, cap, return_prices=True))
@@ -114,7 +114,7 @@ def lp_optimum(d: np.ndarray, cap: int) -> float:
 def balance_methods(n: int, d: int, k: int, slack: float, seed: int, lp: bool) -> None:
     x = uneven_mixture(n, d, k, seed)
     dist = SphericalKMeans(k, n_init=1, random_state=seed, compute_labels=False).fit(x).transform(x)
-    del x
+    x = None  # free the vectors before balancing (the lambdas above ran already)
     cap = balance_capacity(n, k, slack)
     times, results = {}, {}
     for name, fn in (("balanced_assignment", lambda: balanced_assignment(dist, cap, return_prices=True)),
