@@ -5,7 +5,7 @@
     python bench/kmeans_scale.py --n 200000 --k 32    # smaller
     python bench/kmeans_scale.py --balance-only --balance-n 1000000 --balance-k 64   # balancing at 1M x 64
 
-Part 1 times the stages the cluster stage runs (ClusterConfig defaults: sample 100,000, n_init 4, slack 0.1).
+Part 1 times the stages the cluster stage runs (ClusterConfig defaults: sample 100,000, n_init 10, slack 0.1).
 Part 2 compares the balanced-assignment methods on an uneven mixture (100,000 x 16 by default): the exact
 auction + shortest paths (cluster.balance.balanced_assignment), greedy-by-regret, and optionally (--lp) the
 LP optimum by scipy's HiGHS. "gap" is the distance to the optimum certified by balanced_assignment's dual
@@ -26,6 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cluster.balance import assignment_cost, balanced_assignment, dual_bound, greedy_regret_assignment  # noqa: E402
+from cluster.config import N_INIT  # noqa: E402
 from cluster.kmeans import SphericalKMeans, balance_capacity  # noqa: E402
 
 
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--d", type=int, default=384)
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--sample", type=int, default=100_000)
-    p.add_argument("--n-init", type=int, default=4)
+    p.add_argument("--n-init", type=int, default=N_INIT)
     p.add_argument("--slack", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--balance-only", action="store_true", help="only part 2 (balanced-assignment methods)")

@@ -9,6 +9,7 @@ from ground.fields import check_fields
 
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 EMBEDDER_KINDS = ("sentence-transformers", "tfidf", "hybrid")
+N_INIT = 10  # k-means++ restarts (scikit-learn's own KMeans default before 1.4): the best inertia is kept
 
 
 @dataclass
@@ -85,7 +86,7 @@ class ClusterConfig:
 
     n_clusters: int = 6
     seed: int = 0
-    n_init: int = 10
+    n_init: int = N_INIT
     sample_size: int = 100_000
     n_keywords: int = 10
     balanced: bool = True  # cap each cluster's training set at (1 + balance_slack) * N / k documents

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from sklearn.base import BaseEstimator, ClusterMixin
 
 from cluster.balance import balanced_assignment
-from cluster.config import ClusterConfig
+from cluster.config import N_INIT, ClusterConfig
 from cluster.corpus import read_documents
 from cluster.embed import load_embeddings
 from cluster.report import describe_clusters, label_summary
@@ -120,7 +120,7 @@ class SphericalKMeans(ClusterMixin, BaseEstimator):
     The same inputs and ``random_state`` give the same centroids.
     """
 
-    def __init__(self, n_clusters: int = 8, n_init: int = 4, sample_size: int = 100_000, random_state: int = 0,
+    def __init__(self, n_clusters: int = 8, n_init: int = N_INIT, sample_size: int = 100_000, random_state: int = 0,
                  batch_size: int = BATCH_ROWS, refine_iter: int = 10, compute_labels: bool = True):
         self.n_clusters = n_clusters
         self.n_init = n_init

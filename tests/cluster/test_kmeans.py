@@ -53,6 +53,8 @@ def test_follows_the_sklearn_contract_and_recovers_blobs():
     assert model.transform(x).shape == (len(x), 4)
     np.testing.assert_array_equal(model.predict(x), model.labels_)
     assert model.get_params()["n_clusters"] == 4
+    # used bare (bench/clusters.py does), the estimator restarts as often as the pipeline's cluster stage
+    assert model.get_params()["n_init"] == ClusterConfig().n_init == 10
 
 
 def test_same_inputs_and_seed_give_the_same_centroids():
