@@ -115,7 +115,7 @@ def lp_optimum(d: np.ndarray, cap: int) -> float:
 def balance_methods(n: int, d: int, k: int, slack: float, seed: int, lp: bool) -> None:
     x = uneven_mixture(n, d, k, seed)
     dist = SphericalKMeans(k, n_init=1, random_state=seed, compute_labels=False).fit(x).transform(x)
-    x = None  # free the vectors before balancing (the lambdas above ran already)
+    del x
     cap = balance_capacity(n, k, slack)
     times, results = {}, {}
     for name, fn in (("balanced_assignment", lambda: balanced_assignment(dist, cap, return_prices=True)),

@@ -51,8 +51,8 @@ def agreement(ens: Ensemble, texts: list[str], own: np.ndarray) -> dict[int, flo
 
 
 def perplexities(ens: Ensemble, texts: list[str]) -> tuple[list[float], object]:
-    """([top-1, top-2] held-out perplexity, the top-2 scoring plan): `Ensemble.perplexity`'s protocol with the
-    window routing computed once for both."""
+    """([top-1, top-2] held-out perplexity, the scoring plan): `Ensemble.perplexity`'s protocol, with the window
+    routing computed once for both (one plan serves every top_k)."""
     out, plan = [], None
     for k in (1, 2):
         spec = ens.route_spec(top_k=k)
