@@ -80,7 +80,6 @@ def test_a_router_that_does_not_fit_the_clusters_is_refused(tmp_path):
         PrefixRouter(tmp_path / "r", np.zeros((3, 8), np.float32), None, None, None)
 
 
-
 def test_a_version_1_router_is_still_read_and_routes(tmp_path):
     """A router an older cbtm wrote (no n-gram model) keeps working until `cbtm run` refits it."""
     k, dim = 3, 4
