@@ -28,6 +28,12 @@ def test_weights_are_non_negative_sum_to_one_and_best_first(d2, temperature, dat
     assert all(len(set(row)) == top_k for row in ids)
 
 
+def test_ranks_by_distance_where_the_logits_underflow():
+    """Found by the property above: -d^2 / T rounds the smallest subnormal distance to 0, a tie with d^2 = 0."""
+    ids, w = route_weights(np.array([[5e-324, 0.0]]), 2.0, 1)
+    assert ids.tolist() == [[1]] and w.tolist() == [[1.0]]
+
+
 @settings(max_examples=100, deadline=None)
 @given(d2=distances, temperature=st.floats(0.01, 10))
 def test_top_k_equal_to_k_is_the_dense_softmax(d2, temperature):
