@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--corpora", default=",".join(CORPORA))
     p.add_argument("--limit", type=int, default=None, help="a seeded random subset of N documents per corpus")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--weights", default="0.3,0.5,0.7", help="hybrid weights of the sentence block")
+    p.add_argument("--weights", default="0.3,0.55,0.7", help="hybrid weights of the sentence block")
     p.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
     p.add_argument("--embed-only", action="store_true", help="compute and cache the MiniLM vectors, then stop")
     args = p.parse_args(argv)

@@ -59,6 +59,8 @@ def _args(argv=None) -> argparse.Namespace:
                    help="embed.kind (default: cbtm's)")
     p.add_argument("--router", choices=("default", "centroid", "prefix"), default="default",
                    help="ensemble.router (default: cbtm's)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other `cbtm run --set` for the parent run (repeatable), e.g. embed.hybrid_weight=0.5")
     p.add_argument("--systems", default="learned balanced,random",
                    help="systems besides dense (comma-separated from: learned balanced, learned unbalanced, random)")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "paper")
@@ -80,6 +82,7 @@ def build_parent(corpus: str, k: int, args) -> tuple[RunDir, bool]:
         sets.append(f'embed.kind="{args.embedder}"')
     if args.router != "default":
         sets.append(f'ensemble.router="{args.router}"')
+    sets += args.sets
     cmd = [str(Path(sys.executable).parent / "cbtm"), "run", "--corpus", str(SHARED / corpus / "train.jsonl.gz"),
            "--out", str(out), "--clusters", str(k)] + [a for s in sets for a in ("--set", s)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)

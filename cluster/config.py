@@ -58,7 +58,7 @@ class EmbedConfig:
     dtype: str = "float16"  # of the stored shards
     tfidf_dim: int = 100
     tfidf_sample: int = 100_000
-    hybrid_weight: float = 0.5
+    hybrid_weight: float = 0.55  # bench/clusters.py: 0.45-0.55 meet the target on six corpora, 0.5 misses MASC
     device: str = "auto"
 
     def __post_init__(self) -> None:

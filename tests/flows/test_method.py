@@ -44,7 +44,8 @@ def test_the_hybrid_embedding_is_the_same_for_clustering_and_routing(method_run)
     np.testing.assert_allclose(ens.embed([d["text"] for d in docs]), vectors[[ids.index(d["id"]) for d in docs]],
                                atol=2e-3)
     # The sentence block carries hybrid_weight of a squared distance, the tf-idf block the rest.
-    assert np.linalg.norm(vectors[:, :384], axis=1).mean() == pytest.approx(np.sqrt(0.5), abs=2e-3)
+    w = EmbedConfig().hybrid_weight
+    assert np.linalg.norm(vectors[:, :384], axis=1).mean() == pytest.approx(np.sqrt(w), abs=2e-3)
 
 
 def test_the_prefix_router_serves_generation_scoring_and_tuning(method_run):
