@@ -8,14 +8,16 @@ from centroid routing and corrects it where prefixes are short; its features:
 
 - the prefix's routing embedding (the run's embedder) and its squared distances to the centroids, the
   distances also once per prefix-length bucket (so that it learns how far to trust them at each length);
-- a per-cluster n-gram model's log-posteriors (`ensemble.prefix_ngrams.NgramModel`, counted on all the
-  training documents), also once per length bucket;
+- a per-cluster n-gram model's log-posteriors (`ensemble.prefix_ngrams.NgramModel`: unigrams, bigrams and
+  trigrams counted on all the training documents), also once per length bucket;
 - hashed unigrams and bigrams of the experts' own tokens (names, headers, jargon that short prefixes share).
 
 Its temperature is fitted on held-out prefixes, so that its probabilities are calibrated. Saved in the run's
 ``router/`` directory, open formats only: settings.json, coef.npy (float32 [k, F]), intercept.npy (float32 [k]),
-ngram_log_probs.npy (float32 [k, N_HASHED]; version 2 on). A run of one cluster gets a trivial router (no
-features: nothing to decide), so that a dense baseline embeds nothing.
+and the n-gram model's counts as a sparse [k, 2^22] matrix: ngram_data.npy, ngram_indices.npy, ngram_indptr.npy
+(version 3; version 2 kept dense unigram + bigram log-probabilities [k, 2^16] in ngram_log_probs.npy, version 1
+had no n-gram model; both are still read). A run of one cluster gets a trivial router (no features: nothing to
+decide), so that a dense baseline embeds nothing.
 """
 from __future__ import annotations
 
@@ -29,14 +31,14 @@ import pyarrow.parquet as pq
 
 from cluster.kmeans import squared_distances
 from ensemble.prefix_ngrams import MAX_DOCS as NGRAM_DOCS
-from ensemble.prefix_ngrams import N_HASHED, NgramModel, hashed_ngrams, ngram_posteriors
+from ensemble.prefix_ngrams import NgramCounts, NgramModel, hashed_ngrams, read_ngram
 from ground.errors import IncompatibleRunError
 from ground.files import atomic_dir
 
 log = logging.getLogger(__name__)
 
 FORMAT = "cbtm-prefix-router"
-VERSION = 2  # 1: no n-gram model (still read)
+VERSION = 3  # 1: no n-gram model; 2: a dense unigram + bigram one (both still read)
 PREFIX_LENGTHS = (8, 16, 32, 64, 128, 256)
 PREFIX_CHARS = 4000  # characters of a document tokenized to cut its prefixes from (>= 256 tokens)
 MAX_DOCS = 4000      # training documents the router learns from
@@ -105,7 +107,7 @@ def _ngram_model(corpus_path: Path, assignments_path: Path, k: int, encode) -> t
     ids, texts, labels = _documents(corpus_path, assignments_path, "train", "cluster_id", NGRAM_DOCS, None,
                                     sample=False)
     model = NgramModel(encode(texts), np.asarray(labels), k)
-    return model, {doc_id: i % model.counts.shape[0] for i, doc_id in enumerate(ids)}
+    return model, {doc_id: i % len(model.folds) for i, doc_id in enumerate(ids)}
 
 
 def fit_prefix_router(corpus_path: Path, assignments_path: Path, centroids: np.ndarray,
@@ -154,7 +156,7 @@ def fit_prefix_router(corpus_path: Path, assignments_path: Path, centroids: np.n
             "heldout_prefixes": len(h_ids), "ngram_documents": len(fold_of),
             "heldout_top1_agreement": _agreement(raw.argmax(1), hy, lengths),
             "heldout_top1_agreement_centroid": _agreement(nearest, hy, lengths)}
-    info = _write_router(out_dir, coef, intercept, ngrams.log_probs(), info)
+    info = _write_router(out_dir, coef, intercept, ngrams.full(), info)
     log.info("router: prefix router on %d prefixes, temperature %.3f, held-out top-1 agreement %s (centroid %s)",
              len(x_ids), tau, info["heldout_top1_agreement"], info["heldout_top1_agreement_centroid"])
     return info
@@ -169,14 +171,14 @@ def router_is_current(directory: Path) -> bool:
     return info.get("format") == FORMAT and info.get("version") == VERSION
 
 
-def _write_router(out_dir: Path, coef: np.ndarray, intercept: np.ndarray, log_probs: np.ndarray | None,
+def _write_router(out_dir: Path, coef: np.ndarray, intercept: np.ndarray, ngram: NgramCounts | None,
                   info: dict) -> dict:
     info = {"format": FORMAT, "version": VERSION, **info}
     with atomic_dir(Path(out_dir)) as tmp:
         np.save(tmp / "coef.npy", coef)
         np.save(tmp / "intercept.npy", intercept)
-        if log_probs is not None:
-            np.save(tmp / "ngram_log_probs.npy", log_probs)
+        if ngram is not None:
+            info["ngram"] = ngram.save(tmp)
         (tmp / "settings.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
 
@@ -251,20 +253,21 @@ class PrefixRouter:
     def __init__(self, directory: Path, centroids: np.ndarray, embed: Callable[[list[str]], np.ndarray],
                  encode: Callable[[str], list[int]], decode: Callable[[list[int]], str]):
         directory = Path(directory)
+        damaged = (f"the prefix router in {directory} is missing or damaged ({{}}): rebuild it with "
+                   "`cbtm run --out RUN`")
         try:
             self.info = json.loads((directory / "settings.json").read_text())
             self.coef = np.load(directory / "coef.npy", allow_pickle=False)
             self.intercept = np.load(directory / "intercept.npy", allow_pickle=False)
-            ngram_path = directory / "ngram_log_probs.npy"
-            self.ngram = np.load(ngram_path, allow_pickle=False) if self.info.get("version", 1) >= 2 \
-                and not self.info.get("trivial") else None
         except (OSError, ValueError) as exc:
-            raise IncompatibleRunError(f"the prefix router in {directory} is missing or damaged "
-                                       f"({type(exc).__name__}): rebuild it with `cbtm run --out RUN`") from exc
-        if self.info.get("format") != FORMAT or self.coef.shape != (len(centroids), self.info["n_features"]) \
-                or (self.ngram is not None and self.ngram.shape != (len(centroids), N_HASHED)):
+            raise IncompatibleRunError(damaged.format(type(exc).__name__)) from exc
+        if self.info.get("format") != FORMAT or self.coef.shape != (len(centroids), self.info["n_features"]):
             raise IncompatibleRunError(f"the prefix router in {directory} does not fit this run's clusters: rebuild "
                                        "it with `cbtm run --out RUN --force cluster`")
+        try:
+            self.ngram = read_ngram(directory, self.info, len(centroids))
+        except (OSError, ValueError, KeyError) as exc:
+            raise IncompatibleRunError(damaged.format(type(exc).__name__)) from exc
         self.centroids, self.embed, self.encode, self.decode = np.asarray(centroids, np.float32), embed, encode, decode
         self.tau = float(self.info["temperature"])
 
@@ -274,7 +277,7 @@ class PrefixRouter:
             from scipy.sparse import csr_matrix
             return csr_matrix((len(texts), 0), dtype=np.float32)
         ids = [self.encode(t)[-self.context_tokens:] for t in texts]
-        ngram = None if self.ngram is None else ngram_posteriors(self.ngram, ids)
+        ngram = None if self.ngram is None else self.ngram.log_posteriors(ids)
         return prefix_features(self.embed([self.decode(t) for t in ids]), self.centroids, ids, ngram)
 
     def logits(self, vectors, columns: np.ndarray) -> np.ndarray:

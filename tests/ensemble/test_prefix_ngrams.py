@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from ensemble.prefix_ngrams import FOLDS, N_HASHED, NgramModel, hashed_ngrams, ngram_keys, ngram_posteriors
+from ensemble.prefix_ngrams import FOLDS, MODEL_HASHED, N_HASHED, NgramCounts, NgramModel, hashed_ngrams, ngram_keys
 from ensemble.prefix_router import PrefixRouter, fit_prefix_router, prefix_features, router_is_current
 from ground.errors import IncompatibleRunError
 
@@ -14,6 +14,11 @@ def test_keys_are_in_range_and_bigrams_depend_on_order():
     assert keys.min() >= 0 and keys.max() < N_HASHED and len(keys) == 5
     assert set(ngram_keys([1, 2])) != set(ngram_keys([2, 1]))
     assert len(ngram_keys([])) == 0 and len(ngram_keys([3])) == 1
+    # a version-2 router's saved log-probabilities are indexed by these unigram + bigram keys: they must not move
+    assert ngram_keys([1, 2]).tolist() == [1, 2, (1 * 1_000_003 + 2 + 7) % N_HASHED]
+    wide = ngram_keys([5, 9, 70000, 5], order=3, n_hashed=MODEL_HASHED)
+    assert len(wide) == 4 + 3 + 2 and wide.max() < MODEL_HASHED
+    assert wide[:7].tolist() == ngram_keys([5, 9, 70000, 5], n_hashed=MODEL_HASHED).tolist()
 
 
 def test_hashed_rows_are_unit_length():
@@ -33,7 +38,7 @@ def test_posteriors_find_the_cluster_of_a_short_prefix():
     docs, labels = _two_topics(200, rng)
     model = NgramModel(docs, labels, 2)
     probe, probe_labels = _two_topics(50, rng)
-    post = ngram_posteriors(model.log_probs(), [d[:4] for d in probe])
+    post = model.full().log_posteriors([d[:4] for d in probe])
     assert post.shape == (50, 2) and post.dtype == np.float32
     assert np.allclose(np.exp(post).sum(1), 1.0, atol=1e-5)  # log-normalised rows
     assert (post.argmax(1) == probe_labels).mean() >= 0.95
@@ -45,12 +50,33 @@ def test_cross_fitting_hides_a_documents_own_counts():
     docs, labels = _two_topics(20, rng)
     docs[3] = docs[3] + [777]  # document 3 (cluster 1) alone has token 777
     model = NgramModel(docs, labels, 2)
-    full = ngram_posteriors(model.log_probs(), [[777]])
+    full = model.full().log_posteriors([[777]])
     crossed = model.cross_fitted([[777]], np.array([3 % FOLDS]))
     uncounted = model.cross_fitted([[777]], np.array([-1]))
     assert full[0, 1] > full[0, 0] + 1.0
     assert abs(crossed[0, 1] - crossed[0, 0]) < 0.1  # no evidence left: only the clusters' totals differ
     assert np.allclose(uncounted, full)
+
+
+def test_the_model_tells_apart_tokens_that_share_a_narrow_hash():
+    """Tokens 5 and 5 + 2^16 were one key of the version-2 model (2^16 keys); the version-3 model keeps them apart."""
+    docs = [[5, 5, 5] if c == 0 else [5 + N_HASHED] * 3 for c in range(2) for _ in range(10)]
+    labels = np.repeat([0, 1], 10)
+    post = NgramModel(docs, labels, 2).full().log_posteriors([[5], [5 + N_HASHED]])
+    assert post.argmax(1).tolist() == [0, 1] and (post.max(1) > np.log(0.99)).all()
+
+
+def test_counts_round_trip_through_open_files(tmp_path):
+    rng = np.random.default_rng(3)
+    docs, labels = _two_topics(60, rng)
+    counts = NgramModel(docs, labels, 2).full()
+    settings = json.loads(json.dumps(counts.save(tmp_path)))
+    loaded = NgramCounts.load(tmp_path, settings, 2)
+    probe = [d[:6] for d in _two_topics(10, rng)[0]]
+    assert np.allclose(loaded.log_posteriors(probe), counts.log_posteriors(probe))
+    assert np.load(tmp_path / "ngram_indices.npy").dtype == np.int32  # no pickles: plain .npy arrays
+    with pytest.raises(ValueError):
+        NgramCounts.load(tmp_path, settings, 3)  # counts of 2 clusters read as 3
 
 
 def test_features_keep_version_1_layout_without_an_ngram_model():
@@ -97,3 +123,27 @@ def test_a_version_1_router_is_still_read_and_routes(tmp_path):
                           lambda t: [ord(c) for c in t], lambda ids: "".join(map(chr, ids)))
     logits = router.logits(router.vectors(["abc", "a", "ab"]), np.arange(k))
     assert logits.argmax(1).tolist() == [0, 1, 2]
+
+
+def test_a_version_2_router_is_still_read_and_routes_by_its_dense_ngram_model(tmp_path):
+    """A router with version 2's dense unigram + bigram log-probabilities keeps routing until it is refitted."""
+    k, dim = 2, 4
+    log_probs = np.full((k, N_HASHED), np.log(1e-6), np.float32)
+    log_probs[0, 5], log_probs[1, 6] = np.log(0.5), np.log(0.5)  # cluster 0 writes token 5, cluster 1 token 6
+    coef = np.zeros((k, dim + 14 * k + N_HASHED), np.float32)
+    coef[:, dim + 7 * k:dim + 8 * k] = np.eye(k)  # route by the n-gram posteriors alone
+    (tmp_path / "r").mkdir()
+    np.save(tmp_path / "r" / "coef.npy", coef)
+    np.save(tmp_path / "r" / "intercept.npy", np.zeros(k, np.float32))
+    np.save(tmp_path / "r" / "ngram_log_probs.npy", log_probs)
+    (tmp_path / "r" / "settings.json").write_text(json.dumps(
+        {"format": "cbtm-prefix-router", "version": 2, "n_features": coef.shape[1], "n_clusters": k,
+         "temperature": 1.0}))
+    assert not router_is_current(tmp_path / "r")
+    router = PrefixRouter(tmp_path / "r", np.eye(k, dim, dtype=np.float32), lambda texts: np.ones((len(texts), dim)),
+                          lambda t: [5 if c == "a" else 6 for c in t], lambda ids: "x" * len(ids))
+    logits = router.logits(router.vectors(["aaa", "bb", "ab a"]), np.arange(k))
+    assert logits.argmax(1).tolist() == [0, 1, 0]
+    np.save(tmp_path / "r" / "ngram_log_probs.npy", log_probs[:, :100])
+    with pytest.raises(IncompatibleRunError, match="damaged"):
+        PrefixRouter(tmp_path / "r", np.eye(k, dim, dtype=np.float32), None, None, None)

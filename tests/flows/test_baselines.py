@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ensemble import Ensemble
+from ensemble.prefix_router import VERSION as ROUTER_VERSION
 from flows.baselines import parse_baselines, plan_baseline, plan_derived
 from flows.cli import main
 from ground.errors import UserInputError
@@ -74,11 +75,11 @@ def test_a_baseline_retrains_only_its_deleted_expert(run_copy, prefect_harness):
 def test_an_older_router_of_a_baseline_is_refitted_and_dense_gets_a_trivial_one(run_copy):
     settings = plan_baseline(RunDir(run_copy), "random").run.router_dir / "settings.json"
     info = json.loads(settings.read_text())
-    assert info["version"] == 2 and info["n_clusters"] == 3
+    assert info["version"] == ROUTER_VERSION and info["n_clusters"] == 3
     settings.write_text(json.dumps({**info, "version": 1}))  # as an older cbtm left it
     inode = settings.stat().st_ino
     plan_baseline(RunDir(run_copy), "random")
-    assert json.loads(settings.read_text())["version"] == 2 and settings.stat().st_ino != inode
+    assert json.loads(settings.read_text())["version"] == ROUTER_VERSION and settings.stat().st_ino != inode
     dense = json.loads((plan_baseline(RunDir(run_copy), "dense").run.router_dir / "settings.json").read_text())
     assert dense["trivial"] and dense["n_features"] == 0
 
