@@ -18,7 +18,8 @@ DATA = Path(__file__).resolve().parents[1] / "data"
 @pytest.fixture
 def v1_run(tmp_path) -> Path:
     with tarfile.open(DATA / "run-schema1.tar.gz") as tar:
-        tar.extractall(tmp_path, filter="data")
+        # Python < 3.11.4 (e.g. Debian's 3.11.2) has no extraction filters; the archive is our own test data
+        tar.extractall(tmp_path, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     return tmp_path / "run"
 
 
