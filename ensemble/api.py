@@ -64,7 +64,7 @@ class Ensemble:
 
     def __init__(self, run_dir: Path | str, device: str = "auto", top_k: int | None = None,
                  route_temperature: float | None = None, max_loaded_experts: int | None = None,
-                 backend: str = "auto", router: str | None = None):
+                 backend: str = "auto", router: str | None = None, *, unfinished: bool = False):
         if max_loaded_experts is not None and (isinstance(max_loaded_experts, bool) or not isinstance(
                 max_loaded_experts, numbers.Integral) or max_loaded_experts < 1):
             raise ValueError(f"max_loaded_experts must be a whole number >= 1 or None, got {max_loaded_experts!r}")
@@ -73,6 +73,7 @@ class Ensemble:
         if router is not None and router not in ROUTERS:
             raise ValueError(f"router must be one of {', '.join(ROUTERS)} or None (the run's), got {router!r}")
         self._router_kind = router
+        self._unfinished = unfinished
         self.run = RunDir(run_dir)
         self.device = resolve_device(device)
         self.max_loaded_experts = max_loaded_experts
@@ -88,11 +89,13 @@ class Ensemble:
     @classmethod
     def load(cls, run_dir: Path | str, device: str = "auto", top_k: int | None = None,
              route_temperature: float | None = None, max_loaded_experts: int | None = None,
-             backend: str = "auto", router: str | None = None) -> "Ensemble":
+             backend: str = "auto", router: str | None = None, *, unfinished: bool = False) -> "Ensemble":
         """Open a finished run directory (raises IncompatibleRunError / FileNotFoundError / ValueError saying
         what to do). ``router``: "centroid" or "prefix" instead of the run's own (its temperature then is that
-        router's default unless ``route_temperature`` is given)."""
-        return cls(run_dir, device, top_k, route_temperature, max_loaded_experts, backend, router)
+        router's default unless ``route_temperature`` is given). ``unfinished``: also a run whose experts are
+        all recorded but which is not assembled yet (the build's tune stage scores it before DONE)."""
+        return cls(run_dir, device, top_k, route_temperature, max_loaded_experts, backend, router,
+                   unfinished=unfinished)
 
     # ------------------------------------------------------------------------------------------ loading
     def reload(self) -> list[int]:
@@ -115,7 +118,7 @@ class Ensemble:
     def _read_run(self) -> tuple[RunView, dict]:
         run = self.run
         manifest = run.read_manifest()
-        if not run.done_path.exists() or "assemble" not in manifest.stages:
+        if not self._unfinished and (not run.done_path.exists() or "assemble" not in manifest.stages):
             raise IncompatibleRunError(f"run {run.root} is not finished: complete it with `cbtm run --out {run.root}`")
         needed = (run.centroids_path, run.clusters_dir / "clusters.json", run.tokenizer_dir,
                   run.seed_dir / "config.json")

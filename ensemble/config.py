@@ -1,9 +1,11 @@
 """Routing settings: the `ensemble` config section, and the one rule that decides which value a call uses.
 
 Precedence, for ``top_k`` and ``route_temperature`` alike: **a call's argument > the run's tuned value
-(`cbtm tune-temperature`) > the config**. The manifest holds one routing entry per setting,
-``{"value": ..., "source": "config" | "tuned"}``, written by `record_routing` at the assemble stage and by
-`tune_routing`; `resolve_routing` applies the precedence.
+(`cbtm tune-temperature`) > the config**. The route temperature has one more level below a value set in the
+config: when ``ensemble.route_temperature`` is unset, the pipeline's tune stage picks it on held-out text
+(``"source": "auto"``), and only without one does the router's default apply. The manifest holds one routing
+entry per setting, ``{"value": ..., "source": "config" | "auto" | "tuned"}``, written by `record_routing` at the
+assemble stage, by the tune stage (`auto_routing`) and by `tuned_routing`; `resolve_routing` applies the precedence.
 """
 from __future__ import annotations
 
@@ -29,13 +31,16 @@ class EnsembleConfig:
     the centroids) or "prefix" (`ensemble.prefix_router`, trained on the first tokens of documents);
     ``route_temperature`` T (None: the router's own default, `DEFAULT_TEMPERATURE`); ``top_k`` experts mixed
     per prompt; ``route_window``: when scoring, the weights for a token come from the tokens before it,
-    recomputed once per window of this many tokens (so no prefix is embedded token by token).
+    recomputed once per window of this many tokens (so no prefix is embedded token by token);
+    ``tune_docs``: with ``route_temperature`` unset, the build picks T by the perplexity of up to this many
+    held-out documents at ``top_k`` (0: no tuning, the router's default applies).
     """
 
     top_k: int = 2
     route_temperature: float | None = None
     route_window: int = 32
     router: str = "prefix"
+    tune_docs: int = 200
 
     def __post_init__(self) -> None:
         check_fields(self, "ensemble")
@@ -43,6 +48,7 @@ class EnsembleConfig:
         if self.route_temperature is not None:
             finite_positive(self.route_temperature, "ensemble.route_temperature")
         whole_number(self.route_window, "ensemble.route_window", 1)
+        whole_number(self.tune_docs, "ensemble.tune_docs", 0)
         if self.router not in ROUTERS:
             raise UserInputError(f"ensemble.router must be one of {', '.join(ROUTERS)}, got {self.router!r}")
 
@@ -54,12 +60,16 @@ class EnsembleConfig:
 
 def record_routing(recorded: dict, cfg: EnsembleConfig) -> dict:
     """The manifest's routing entry after a build with ``cfg``: a tuned value is kept (and the kept value
-    said when the config now asks for another); everything else comes from the config."""
+    said when the config now asks for another), an auto-tuned temperature too while the config sets none (the
+    tune stage refreshes it when the experts change); everything else comes from the config."""
     out = {}
     for key in ("route_temperature", "top_k"):
         wanted = cfg.temperature if key == "route_temperature" else cfg.top_k
         entry = dict(recorded.get(key) or {})
-        if entry.get("source") == "tuned":
+        if key == "route_temperature" and entry.get("source") == "auto" and cfg.route_temperature is None \
+                and cfg.tune_docs:
+            out[key] = entry
+        elif entry.get("source") == "tuned":
             if entry.get("value") != wanted:
                 log.info("  routing   keeping the tuned %s %s over the config's %s (tuned wins; "
                          "`cbtm tune-temperature RUN --clear` returns to the config)", key, entry["value"], wanted)
@@ -78,6 +88,12 @@ def tuned_routing(recorded: dict, route_temperature: float | None) -> dict:
         out["route_temperature"] = {"value": finite_positive(route_temperature, "route_temperature"),
                                     "source": "tuned"}
     return out
+
+
+def auto_routing(recorded: dict, route_temperature: float) -> dict:
+    """The routing entry once the tune stage picked ``route_temperature`` on held-out text."""
+    return {**recorded, "route_temperature": {"value": finite_positive(route_temperature, "route_temperature"),
+                                              "source": "auto"}}
 
 
 def resolve_routing(recorded: dict, cfg: EnsembleConfig, n_experts: int, top_k=None,

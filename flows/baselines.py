@@ -7,7 +7,9 @@ trained by the same `train_expert` at the same total token budget as the run's e
 - ``random``: clusters of the run's training sizes with documents drawn at random.
 
 A derived run is a complete run directory (`Ensemble.load` and `cbtm query` open it); it is cached like a
-stage: its clusters and each expert are rebuilt only when their inputs change. Nothing here imports Prefect.
+stage: its clusters and each expert are rebuilt only when their inputs change. Its route temperature is tuned
+on the parent's held-out documents as the parent's was (`flows.tuning`), so that each system is compared at
+its own best. Nothing here imports Prefect.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from experts.train import train_expert
 from flows.config import PipelineConfig
 from flows.routing_stage import train_router
 from flows.stages import expert_is_current, record_expert
+from flows.tuning import tune_inputs, tune_stage
 from ground.errors import UserInputError
 from ground.files import atomic_write_text, hash_json, hash_path
 from ground.rundir import Manifest, RunDir, hashed_settings
@@ -141,7 +144,8 @@ def _derived_manifest(parent: RunDir, pm: Manifest, cfg: PipelineConfig, run: Ru
         shutil.rmtree(run.root)
     derived_cfg = cfg.to_dict()
     derived_cfg["cluster"] = {**derived_cfg["cluster"], **cluster_overrides, "n_clusters": n_clusters}
-    routing = {**pm.routing, "top_k": {"value": min(pm.routing_value("top_k") or 1, n_clusters), "source": "config"}}
+    routing = {k: v for k, v in pm.routing.items() if v.get("source") != "auto"}  # tuned for its own experts
+    routing["top_k"] = {"value": min(pm.routing_value("top_k") or 1, n_clusters), "source": "config"}
     manifest = Manifest(config=derived_cfg, embedder=pm.embedder, routing=routing, n_clusters=n_clusters)
     run.root.mkdir(parents=True, exist_ok=True)
     make_clusters(run.clusters_dir)
@@ -187,6 +191,12 @@ def finish_derived(plan: DerivedPlan) -> RunDir:
     run.record_stage(manifest, "train", hash_json(plan.inputs), hash_json(hashes))
     run.record_stage(manifest, "assemble", hash_json(hashes), None)
     shutil.rmtree(run.checkpoints_root, ignore_errors=True)
+    parent = plan.parent.read_manifest()
+    manifest.config["ensemble"] = dict(parent.config["ensemble"])  # routing settings (tune_docs) as the parent's
+    cfg = PipelineConfig.from_dict(manifest.config)
+    router = hash_path(run.router_dir) if cfg.ensemble.router == "prefix" else None
+    ingest = (parent.stages.get("ingest") or {}).get("outputs")
+    tune_stage(run, manifest, cfg, plan.parent.corpus_path, tune_inputs(cfg, manifest, router, ingest))
     atomic_write_text(run.done_path, time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
     return run
 

@@ -81,7 +81,8 @@ def parser() -> argparse.ArgumentParser:
     tune.add_argument("--top-k", type=int, default=None, help="experts mixed while scoring (default: the run's)")
     tune.add_argument("--limit", metavar="N", type=int, default=None, help="use at most N held-out documents")
     tune.add_argument("--clear", action="store_true",
-                      help="forget the tuned temperature: the run's config value applies again")
+                      help="forget the tuned temperature: the run's config value applies again (with "
+                      "ensemble.route_temperature unset, the tune stage picks one at the next `cbtm run`)")
 
     ev = sub.add_parser("eval", help="held-out perplexity of the ensemble, its experts and equal-budget baselines",
                         description="Score held-out text under the ensemble (routing from preceding context) at "

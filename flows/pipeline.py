@@ -32,6 +32,7 @@ from flows.routing_stage import train_router
 from flows.runners import is_remote
 from flows.stages import run_stage, stage_inputs
 from flows.training import train_experts
+from flows.tuning import tune_inputs, tune_stage
 from ground.device import resolve_device
 from ground.errors import UserInputError
 from ground.files import atomic_write_text, clean_stale_temporaries
@@ -62,6 +63,7 @@ cluster_task = task(cluster_corpus, name="cluster", cache_policy=NO_CACHE)
 tokenizer_task = task(train_tokenizer, name="tokenizer", cache_policy=NO_CACHE)
 seed_task = task(build_seed, name="seed", cache_policy=NO_CACHE)
 report_task = task(write_report, name="assemble", cache_policy=NO_CACHE)
+tune_task = task(tune_stage, name="tune", cache_policy=NO_CACHE)
 choose_k_task = task(choose_k, name="choose-k", cache_policy=NO_CACHE)
 pretrain_task = task(pretrain_seed, name="pretrain-seed", cache_policy=NO_CACHE)
 router_task = task(train_router, name="router", cache_policy=NO_CACHE)
@@ -126,8 +128,13 @@ def _embed(cfg: PipelineConfig, run: RunDir, runner: str) -> None:
 
 
 def assemble_run(cfg: PipelineConfig, run: RunDir, manifest: Manifest) -> None:
-    """The assemble stage (routing entry, report, DONE) of a run whose experts are all recorded."""
+    """The tune and assemble stages (routing entry, route temperature, report, DONE) of a run whose experts are
+    all recorded."""
     manifest.routing = record_routing(manifest.routing, cfg.ensemble)
+    run.write_manifest(manifest)  # the tune stage opens the run from disk, with this routing entry
+    up = lambda name: (manifest.stages.get(name) or {}).get("outputs")  # noqa: E731
+    tuning = tune_inputs(cfg, manifest, up("router") if cfg.ensemble.router == "prefix" else None, up("ingest"))
+    tune_task(run, manifest, cfg, run.corpus_path, tuning)
     inputs = stage_inputs(cfg, manifest, "assemble")
     ran = run_stage(run, manifest, "assemble", inputs, lambda: report_task(run, manifest, label_field(cfg, run)))
     if ran or not run.done_path.exists():

@@ -57,7 +57,8 @@ def stage_inputs(cfg: PipelineConfig, manifest: Manifest, stage: str, cluster_id
                           "tokenizer": up("tokenizer")})
     if stage == "assemble":
         return hash_json({"cfg": hashed_settings(cfg.ensemble), "train": up("train"), "cluster": up("cluster"),
-                          "router": up("router") if cfg.ensemble.router == "prefix" else None})
+                          "router": up("router") if cfg.ensemble.router == "prefix" else None,
+                          "tune": up("tune")})  # the report names the temperature chosen
     raise ValueError(f"unknown stage {stage!r}")
 
 

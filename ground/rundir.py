@@ -70,7 +70,7 @@ class Manifest:
     ``stages[name] = {"inputs": sha256, "outputs": sha256, "finished_at": iso time}``;
     ``experts[str(cluster_id)] = {"path": "experts/<i>", "hash": sha256, "files": {name: {"size", "sha256"}},
     "val_loss": float | None, "skipped": bool, ...}``; ``routing[key] = {"value": ..., "source": "config" |
-    "tuned"}`` for key in route_temperature, top_k; ``removed``: cluster ids no longer routed to; ``jobs``:
+    "auto" | "tuned"}`` for key in route_temperature, top_k; ``removed``: cluster ids no longer routed to; ``jobs``:
     commands in progress that a re-run resumes (``{"retrain": {"clusters", "from_current", "done"}}``);
     ``additions``: what each `cbtm add` grew the run with (corpus, documents, joined and new clusters).
     """
@@ -117,12 +117,14 @@ class Manifest:
 
 def fill_added_settings(config: dict | None) -> None:
     """Settings a run's config predates, filled (in place) with what that run was built with, never with today's
-    defaults: no seed-phase share (`seed.pretrain_share`, default now 0.75) and centroid routing
-    (`ensemble.router`, default now "prefix"). Early schema-2 runs lack them too."""
+    defaults: no seed-phase share (`seed.pretrain_share`, default now 0.75), centroid routing
+    (`ensemble.router`, default now "prefix") and no tuned route temperature (`ensemble.tune_docs`, default now
+    200). Early schema-2 runs lack them too."""
     if config and "seed" in config:
         config["seed"].setdefault("pretrain_share", 0.0)
     if config and "ensemble" in config:
         config["ensemble"].setdefault("router", "centroid")
+        config["ensemble"].setdefault("tune_docs", 0)
 
 
 def migrate_v1(data: dict, root: Path) -> dict:
@@ -205,7 +207,8 @@ class RunDir:
         """The artifact whose content hash records that ``stage`` is done (one table for every flow)."""
         outputs = {"ingest": self.corpus_path, "embed": self.embeddings_dir, "cluster": self.clusters_dir,
                    "choose_k": self.choose_k_dir, "tokenizer": self.tokenizer_dir, "seed": self.seed_dir,
-                   "pretrain": self.pretrained_dir, "router": self.router_dir, "assemble": self.report_path}
+                   "pretrain": self.pretrained_dir, "router": self.router_dir, "assemble": self.report_path,
+                   "tune": self.temperature_path}
         if stage not in outputs:
             raise ValueError(f"stage {stage!r} has no single output: use one of {', '.join(outputs)}")
         return outputs[stage]

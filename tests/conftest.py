@@ -1,8 +1,10 @@
 """Shared fixtures: hermetic environment, a small slice of the demo corpus, one real build of a tiny run."""
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -15,6 +17,8 @@ SLICE_DOMAINS = ("cooking", "astronomy", "football")
 
 # Hermetic before anything imports Prefect or Hugging Face libraries.
 _home = Path(tempfile.mkdtemp(prefix="cbtm-tests-"))
+# Registered first, so it runs last: after Prefect's own exit handlers have stopped its server.
+atexit.register(shutil.rmtree, _home, ignore_errors=True)
 os.environ.setdefault("CBTM_CACHE", str(Path(os.environ.get("CBTM_TEST_CACHE", _home / "cache"))))
 os.environ["PREFECT_HOME"] = str(_home / "prefect")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"

@@ -10,6 +10,7 @@ from ensemble import Ensemble
 from ensemble.prefix_router import VERSION as ROUTER_VERSION
 from flows.baselines import parse_baselines, plan_baseline, plan_derived
 from flows.cli import main
+from flows.tuning import tuning_texts
 from ground.errors import UserInputError
 from ground.files import hash_path
 from ground.rundir import RunDir
@@ -55,6 +56,10 @@ def test_eval_with_baselines_at_the_same_budget_is_cached_and_reported(run_copy,
     report = (run_copy / "report.md").read_text()
     assert "Baselines trained by the same code" in report and "| dense |" in report and "vs dense" in report
     assert Ensemble.load(run_copy / "baselines" / "random").n_experts == 3  # a complete, loadable run
+    # Each system at its own best temperature: the random baseline is tuned on the parent's held-out text.
+    own = json.loads(rand.temperature_path.read_text())
+    assert "tune" in rand.read_manifest().stages and own["n_docs"] == len(tuning_texts(parent.corpus_path, 200))
+    assert rand.read_manifest().routing["route_temperature"] == {"value": own["best"], "source": "auto"}
     before = {d: hash_path(run_copy / "baselines" / d / "experts") for d in ("dense", "random")}
     assert main(["eval", str(run_copy), "--baselines", "random,dense", "--limit", "4"]) == 0
     err = capsys.readouterr().err

@@ -22,6 +22,7 @@ EXPECTED_FILES = {
     "router/ngram_indices.npy", "router/ngram_indptr.npy",
     "clusters/centroids.npy", "clusters/assignments.parquet", "clusters/clusters.json",
     "plots/cluster_sizes.png", "plots/cluster_map.png", "plots/cluster_labels.png", "plots/loss_curves.png",
+    "plots/temperature.png", "eval/temperature.json",
     "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json",
     "seed/config.json", "seed/generation_config.json", "seed/model.safetensors", "seed/tokenizer.json",
     "seed/tokenizer_config.json",
@@ -48,10 +49,11 @@ def test_build_writes_the_run_directory_contract(built_run):
     manifest = json.loads((built_run / "manifest.json").read_text())
     assert manifest["format"] == "cbtm-run" and manifest["schema_version"] == 2
     assert set(manifest["stages"]) == {"ingest", "embed", "cluster", "tokenizer", "seed", "pretrain", "router",
-                                       "train", "assemble"}
+                                       "train", "assemble", "tune"}
     assert {k: v["path"] for k, v in manifest["experts"].items()} == {str(i): f"experts/{i}" for i in range(3)}
     assert manifest["embedder"] == "all-MiniLM-L6-v2"
-    assert manifest["routing"] == {"route_temperature": {"value": 1.0, "source": "config"},
+    tuned = json.loads((built_run / "eval" / "temperature.json").read_text())["best"]  # see test_tuning
+    assert manifest["routing"] == {"route_temperature": {"value": tuned, "source": "auto"},
                                    "top_k": {"value": 2, "source": "config"}}
     assert {"torch", "transformers", "prefect"} <= set(manifest["versions"])
     for cid, entry in manifest["experts"].items():

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.faults
 
 KILLED = -signal.SIGKILL
 BUILD_POINTS = ["stage:ingest", "stage:embed", "stage:cluster", "stage:tokenizer", "stage:seed",
-                "step:seed phase@33", "stage:pretrain", "expert:run:0", "step:expert 1@6", "stage:train",
+                "step:seed phase@33", "stage:pretrain", "expert:run:0", "step:expert 1@6", "stage:train", "stage:tune",
                 "stage:assemble"]
 
 
@@ -66,6 +66,7 @@ def test_the_killed_build_finishes_and_answers(killed_build):
     assert run.done_path.exists()
     manifest = run.read_manifest()
     assert set(manifest.experts) == {"0", "1", "2"} and not manifest.jobs
+    assert manifest.routing["route_temperature"]["source"] == "auto"  # tuned once, kept across the kill after it
     assert manifest.experts["1"]["resumed_from"] == 5  # killed at step 6, resumed from its step-5 checkpoint
     seed = json.loads((run.pretrained_dir / "expert.json").read_text())
     assert seed["resumed_from"] == 30  # the seed phase too: killed at step 33, resumed from step 30
