@@ -41,7 +41,7 @@ def tuning_texts(corpus_path: Path, n_docs: int) -> list[str]:
 def tune_inputs(cfg: PipelineConfig, manifest: Manifest, router: str | None, ingest: str | None) -> str:
     """Content hash of what the chosen temperature depends on: routing settings, the experts routed to (their
     content hashes), the router's files and the corpus."""
-    experts = {cid: e.get("hash") for cid, e in sorted(manifest.experts.items()) if int(cid) not in manifest.removed}
+    experts = {str(c): manifest.experts[str(c)].get("hash") for c in manifest.routed_experts()}
     return hash_json({"cfg": hashed_settings(cfg.ensemble), "experts": experts, "router": router, "ingest": ingest,
                       "scales": TUNE_SCALES, "chars": TUNE_CHARS, "min_gain": MIN_GAIN})
 
@@ -52,14 +52,11 @@ def wants_tuning(cfg: PipelineConfig, manifest: Manifest) -> bool:
     return cfg.ensemble.route_temperature is None and cfg.ensemble.tune_docs > 0 and entry.get("source") != "tuned"
 
 
-def auto_tune(run: RunDir, manifest: Manifest, cfg: PipelineConfig, texts: list[str]) -> float | None:
+def auto_tune(run: RunDir, manifest: Manifest, cfg: PipelineConfig, texts: list[str]) -> float:
     """Score ``texts`` with the run (its experts all recorded) at every candidate T; record the best in
     ``manifest.routing`` (the caller persists it) and write eval/temperature.json and plots/temperature.png.
-    Returns the chosen T, or None when the run has fewer than two experts (the temperature changes nothing)."""
+    Returns the chosen T."""
     ens = Ensemble.load(run.root, device="auto", unfinished=True)
-    if ens.n_experts < 2:
-        atomic_write_text(run.temperature_path, json.dumps({"skipped": "fewer than two experts"}) + "\n")
-        return None
     grid = [round(DEFAULT_TEMPERATURE[cfg.ensemble.router] * s, 6) for s in TUNE_SCALES]
     results = tune_temperature(ens, texts, grid, ens.top_k)
     ppl = {r["route_temperature"]: r["perplexity"] for r in results["grid"]}
@@ -80,8 +77,7 @@ def tune_stage(run: RunDir, manifest: Manifest, cfg: PipelineConfig, corpus_path
     """Run (or skip, when current) the tune stage of a run whose experts are all recorded and whose held-out
     documents are in ``corpus_path``; True if it ran. A run without held-out documents keeps the router's
     default."""
-    active = [c for c, e in manifest.experts.items() if not e.get("skipped") and int(c) not in manifest.removed]
-    if not wants_tuning(cfg, manifest) or len(active) < 2:  # one expert: the temperature changes nothing
+    if not wants_tuning(cfg, manifest) or len(manifest.routed_experts()) < 2:  # one expert: T changes nothing
         return False
     recorded = (manifest.routing.get("route_temperature") or {}).get("source") == "auto"
     texts = tuning_texts(corpus_path, cfg.ensemble.tune_docs)

@@ -114,6 +114,10 @@ class Manifest:
         """The recorded value of routing setting ``key`` (None before the assemble stage)."""
         return (self.routing.get(key) or {}).get("value")
 
+    def routed_experts(self) -> list[int]:
+        """Cluster ids of the recorded experts that are routed to: neither skipped (no files) nor removed."""
+        return sorted(int(c) for c, e in self.experts.items() if not e.get("skipped") and int(c) not in self.removed)
+
 
 def fill_added_settings(config: dict | None) -> None:
     """Settings a run's config predates, filled (in place) with what that run was built with, never with today's
