@@ -17,7 +17,6 @@ import sys
 from typing import Iterator
 
 import prefect
-from prefect.server.api.server import SubprocessASGIServer
 from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
 log = logging.getLogger("cbtm")
@@ -34,26 +33,32 @@ DIE_WITH_PARENT = (
     "os.execv(sys.executable, [sys.executable] + sys.argv[1:])\n")
 
 
-class ChildServer(SubprocessASGIServer):
-    """Prefect's subprocess API server, started so that the kernel kills it when its parent dies."""
+def child_server(port: int):
+    """Prefect's subprocess API server on ``port``, started so that the kernel kills it when its parent dies."""
+    # Imported here, not at the top: the server module takes ~3.5 s to import, and a command given a server
+    # (PREFECT_API_URL: every worker, every test subprocess, a user with a profile) never needs it.
+    from prefect.server.api.server import SubprocessASGIServer
 
-    def _run_uvicorn_command(self):
-        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-               "PREFECT__SERVER_FINAL": "1", "CBTM_PARENT_PID": str(os.getpid()),
-               **get_current_settings().to_environment_variables(exclude_unset=True)}
-        args = [sys.executable, "-c", DIE_WITH_PARENT, "-m", "uvicorn", "--app-dir",
-                str(prefect.__module_path__.parent), "--factory", "prefect.server.api.server:create_app",
-                "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"]
-        return subprocess.Popen(args, env=env)
+    class ChildServer(SubprocessASGIServer):
+        def _run_uvicorn_command(self):
+            env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                   "PREFECT__SERVER_FINAL": "1", "CBTM_PARENT_PID": str(os.getpid()),
+                   **get_current_settings().to_environment_variables(exclude_unset=True)}
+            args = [sys.executable, "-c", DIE_WITH_PARENT, "-m", "uvicorn", "--app-dir",
+                    str(prefect.__module_path__.parent), "--factory", "prefect.server.api.server:create_app",
+                    "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"]
+            return subprocess.Popen(args, env=env)
+
+    return ChildServer(port=port)
 
 
 @contextlib.contextmanager
 def api_server() -> Iterator[str]:
-    """The URL of the Prefect API for this command: the configured one, or a `ChildServer` on a free port
+    """The URL of the Prefect API for this command: the configured one, or a `child_server` on a free port
     (stopped on exit; killed by the kernel if this process is killed). Workers inherit it."""
     server, url = None, PREFECT_API_URL.value()
     if not url:
-        server = ChildServer(port=_free_port())  # servers are per-port singletons: this one is ours to stop
+        server = child_server(_free_port())  # servers are per-port singletons: this one is ours to stop
         server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")))
         url = server.api_url
         log.debug("prefect API server: %s (pid %s)", url, server.server_process.pid)

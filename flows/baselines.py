@@ -116,10 +116,13 @@ def plan_derived(parent: RunDir, root: Path, name: str, clusters_key: dict, n_cl
     total = spent_tokens(pm, cfg) if total_tokens is None else total_tokens
     up = lambda s: (pm.stages.get(s) or {}).get("outputs")  # noqa: E731
     key = hash_json({"clusters": clusters_key, "ingest": up("ingest"), "embed": up("embed")})
+    train = dataclasses.replace(cfg.train, total_tokens=total)
+    if total < train.tokens_per_step:  # before any file of the derived run is written
+        raise UserInputError(f"{name}: train.total_tokens={total:,} is less than one step: give at least "
+                             f"{train.tokens_per_step:,} tokens (batch_size x block_size x grad_accum)")
     run = RunDir(root)
     manifest = _derived_manifest(parent, pm, cfg, run, key, n_clusters, cluster_overrides or {}, make_clusters)
     branch = parent.branch_dir(bool(cfg.seed_tokens()))
-    train = dataclasses.replace(cfg.train, total_tokens=total)
     steps = _steps(parent, branch, run, train, n_clusters, name)
     inputs = {c: hash_json({"train": hashed_settings(train), "seed": up("seed"), "pretrain": up("pretrain"),
                             "clusters": key, "cluster_id": c, "steps": steps[c]}) for c in range(n_clusters)}

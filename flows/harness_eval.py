@@ -7,6 +7,7 @@ and a plot to report.md.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -39,16 +40,24 @@ def require_harness():
 
 def check_tasks(tasks: list[str], include_path: str | None):
     """A TaskManager that knows every name of ``tasks`` (built-in or from ``include_path``), else UserInputError."""
-    from lm_eval.tasks import TaskManager
-
     if include_path is not None and not Path(include_path).is_dir():
         raise UserInputError(f"--include-path {include_path} is not a directory of task YAMLs")
-    manager = TaskManager(include_path=include_path)
+    manager = _task_manager(include_path, Path(include_path).stat().st_mtime_ns if include_path else None)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise UserInputError(f"lm-eval knows no task {unknown[0]!r}: name a built-in task or pass --include-path DIR "
                              "with its YAML (bench/harness_data.py writes cbtm's offline tasks)")
     return manager
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(include_path: str | None, mtime_ns: int | None):
+    """lm-eval's index of its built-in tasks and ``include_path``'s, built once per process: it reads some
+    10,000 YAML files (seconds), and `cbtm eval --tasks` needs it before training baselines and again to score.
+    ``mtime_ns`` (the directory's) is part of the key, so a task added to the directory is seen."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path)
 
 
 def systems(ens: Ensemble, top_ks: list[int] | None) -> dict[str, int]:

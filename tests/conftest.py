@@ -83,3 +83,20 @@ def built_run(prefect_harness, slice_corpus, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
     build(tiny_config(slice_corpus).to_dict(), str(run_dir))
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def baselined_run(built_run, tmp_path_factory) -> tuple[Path, str]:
+    """A copy of the built run after its first `cbtm eval --baselines dense,random --limit 4`, with that command's
+    stdout: the baselines are trained once for every test that needs them (copy it before writing to it)."""
+    import contextlib
+    import io
+
+    from flows.cli import main
+
+    run = Path(shutil.copytree(built_run, tmp_path_factory.mktemp("baselined") / "run",
+                               ignore=shutil.ignore_patterns("eval", "baselines")))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["eval", str(run), "--baselines", "dense,random", "--limit", "4"]) == 0
+    return run, out.getvalue()

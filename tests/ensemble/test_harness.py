@@ -97,9 +97,9 @@ def test_generate_until_is_the_ensembles_greedy_text_cut_at_the_stop(ens):
     assert out == full.split(stop)[0]
 
 
-def test_cli_eval_tasks_scores_every_system_and_the_baselines(built_run, task_dir, tmp_path, capsys):
+def test_cli_eval_tasks_scores_every_system_and_the_baselines(baselined_run, task_dir, tmp_path, capsys):
     run = tmp_path / "run"
-    shutil.copytree(built_run, run)
+    shutil.copytree(baselined_run[0], run)  # its baselines trained, as after `cbtm eval --baselines dense,random`
     argv = ["eval", str(run), "--tasks", "cbtm_demo_topic,cbtm_demo_rolling", "--include-path", str(task_dir),
             "--limit", "3", "--num-fewshot", "1", "--baselines", "dense,random"]
     assert main(argv) == 0

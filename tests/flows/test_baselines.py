@@ -12,9 +12,9 @@ from flows.baselines import parse_baselines, plan_baseline, plan_derived
 from flows.cli import main
 from flows.tuning import tuning_texts
 from ground.errors import UserInputError
-from ground.files import hash_path
 from ground.rundir import RunDir
 from tests.conftest import write_jsonl
+from tests.trust.conftest import snapshot
 
 
 @pytest.fixture
@@ -33,9 +33,15 @@ def steps(run: RunDir) -> int:
     return sum(e["steps"] for e in run.read_manifest().experts.values())
 
 
-def test_eval_with_baselines_at_the_same_budget_is_cached_and_reported(run_copy, capsys):
-    assert main(["eval", str(run_copy), "--baselines", "dense,random", "--limit", "4"]) == 0
-    out = capsys.readouterr().out
+@pytest.fixture
+def baselined_copy(baselined_run, tmp_path):
+    """A private copy of the session's run whose dense and random baselines are trained, and that eval's stdout."""
+    run, out = baselined_run
+    return shutil.copytree(run, tmp_path / "baselined"), out
+
+
+def test_eval_with_baselines_at_the_same_budget_is_reported_and_then_cached(baselined_copy, capsys):
+    run_copy, out = baselined_copy  # after `cbtm eval RUN --baselines dense,random --limit 4`
     results = json.loads((run_copy / "eval" / "results.json").read_text())
     assert {"dense", "random top-1", "random top-2", "random all experts", "top-1"} <= set(results["systems"])
     parent, dense, rand = RunDir(run_copy), RunDir(run_copy / "baselines/dense"), RunDir(run_copy / "baselines/random")
@@ -60,24 +66,22 @@ def test_eval_with_baselines_at_the_same_budget_is_cached_and_reported(run_copy,
     own = json.loads(rand.temperature_path.read_text())
     assert "tune" in rand.read_manifest().stages and own["n_docs"] == len(tuning_texts(parent.corpus_path, 200))
     assert rand.read_manifest().routing["route_temperature"] == {"value": own["best"], "source": "auto"}
-    before = {d: hash_path(run_copy / "baselines" / d / "experts") for d in ("dense", "random")}
+    before = snapshot(run_copy, ("baselines/dense/experts", "baselines/random/experts"))
     assert main(["eval", str(run_copy), "--baselines", "random,dense", "--limit", "4"]) == 0
     err = capsys.readouterr().err
     assert "baseline dense 0 expert(s) to train, 1 up to date" in err
-    assert before == {d: hash_path(run_copy / "baselines" / d / "experts") for d in ("dense", "random")}
+    assert before and snapshot(run_copy, ("baselines/dense/experts", "baselines/random/experts")) == before
 
 
-def test_a_baseline_retrains_only_its_deleted_expert(run_copy, prefect_harness):
-    plan = plan_baseline(RunDir(run_copy), "random")
-    assert plan.todo == [0, 1, 2]
-    from flows.baselines import build_derived
-
-    build_derived(plan, show_progress=False)
-    shutil.rmtree(run_copy / "baselines" / "random" / "experts" / "1")
-    assert plan_baseline(RunDir(run_copy), "random").todo == [1]
+def test_a_baseline_retrains_only_its_deleted_expert(baselined_copy):
+    trained, _ = baselined_copy
+    assert plan_baseline(RunDir(trained), "random").todo == []
+    shutil.rmtree(trained / "baselines" / "random" / "experts" / "1")
+    assert plan_baseline(RunDir(trained), "random").todo == [1]
 
 
-def test_an_older_router_of_a_baseline_is_refitted_and_dense_gets_a_trivial_one(run_copy):
+def test_an_older_router_of_a_baseline_is_refitted_and_dense_gets_a_trivial_one(baselined_copy):
+    run_copy, _ = baselined_copy
     settings = plan_baseline(RunDir(run_copy), "random").run.router_dir / "settings.json"
     info = json.loads(settings.read_text())
     assert info["version"] == ROUTER_VERSION and info["n_clusters"] == 3
@@ -121,7 +125,7 @@ def test_a_budget_too_small_for_a_baseline_is_one_clear_error(run_copy, tmp_path
     with pytest.raises(UserInputError, match="baseline random: train.total_tokens=100 is less than one step") as e:
         plan_derived(parent, tmp_path / "b", "baseline random", {"k": 3}, 3,
                      lambda out: fixed_clusters(parent.corpus_path, parent.embeddings_dir, labels, 3, out), 100)
-    assert "\n" not in str(e.value)
+    assert "\n" not in str(e.value) and not (tmp_path / "b").exists()  # refused before anything was written
 
 
 def test_parse_baselines_keeps_order_and_drops_repeats():
