@@ -53,8 +53,9 @@ def check_tasks(tasks: list[str], include_path: str | None):
 @functools.lru_cache(maxsize=4)
 def _task_manager(include_path: str | None, mtime_ns: int | None):
     """lm-eval's index of its built-in tasks and ``include_path``'s, built once per process: it reads some
-    10,000 YAML files (seconds), and `cbtm eval --tasks` needs it before training baselines and again to score.
-    ``mtime_ns`` (the directory's) is part of the key, so a task added to the directory is seen."""
+    14,000 YAML files (seconds), and `cbtm eval --tasks` needs it before training baselines and again to score.
+    ``mtime_ns`` (the directory's) is part of the key, so a file added to or removed from the directory is seen
+    (a YAML edited in place, by a long-lived process, is not)."""
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=include_path)
