@@ -57,10 +57,10 @@ def auto_tune(run: RunDir, manifest: Manifest, cfg: PipelineConfig, texts: list[
     ``manifest.routing`` (the caller persists it) and write eval/temperature.json and plots/temperature.png.
     Returns the chosen T."""
     ens = Ensemble.load(run.root, device="auto", unfinished=True)
-    grid = [round(DEFAULT_TEMPERATURE[cfg.ensemble.router] * s, 6) for s in TUNE_SCALES]
+    default = DEFAULT_TEMPERATURE[cfg.ensemble.router]
+    grid = [round(default * s, 6) for s in TUNE_SCALES]
     results = tune_temperature(ens, texts, grid, ens.top_k)
     ppl = {r["route_temperature"]: r["perplexity"] for r in results["grid"]}
-    default = DEFAULT_TEMPERATURE[cfg.ensemble.router]
     if ppl[default] <= ppl[results["best"]] * (1 + MIN_GAIN):  # a confident router: T changes next to nothing
         results["best"] = default
     results.update(source="auto", n_docs=len(texts), min_gain=MIN_GAIN)
@@ -80,10 +80,10 @@ def tune_stage(run: RunDir, manifest: Manifest, cfg: PipelineConfig, corpus_path
     if not wants_tuning(cfg, manifest) or len(manifest.routed_experts()) < 2:  # one expert: T changes nothing
         return False
     recorded = (manifest.routing.get("route_temperature") or {}).get("source") == "auto"
-    texts = tuning_texts(corpus_path, cfg.ensemble.tune_docs)
-    if not texts:
+    # Only the split column here: the texts are read when the stage runs, not on every rebuild that skips it.
+    if not read_documents(corpus_path, split="heldout", columns=["split"]).num_rows:
         log.info("  tune      no held-out documents: the router's default temperature applies")
         return False
     # Without a recorded value (`cbtm tune-temperature --clear`) the stage runs again even if current.
-    return run_stage(run, manifest, "tune", inputs, lambda: auto_tune(run, manifest, cfg, texts),
-                     force=not recorded)
+    work = lambda: auto_tune(run, manifest, cfg, tuning_texts(corpus_path, cfg.ensemble.tune_docs))  # noqa: E731
+    return run_stage(run, manifest, "tune", inputs, work, force=not recorded)

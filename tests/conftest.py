@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -89,9 +91,6 @@ def built_run(prefect_harness, slice_corpus, tmp_path_factory) -> Path:
 def baselined_run(built_run, tmp_path_factory) -> tuple[Path, str]:
     """A copy of the built run after its first `cbtm eval --baselines dense,random --limit 4`, with that command's
     stdout: the baselines are trained once for every test that needs them (copy it before writing to it)."""
-    import contextlib
-    import io
-
     from flows.cli import main
 
     run = Path(shutil.copytree(built_run, tmp_path_factory.mktemp("baselined") / "run",

@@ -39,10 +39,15 @@ def test_the_build_records_a_temperature_tuned_on_held_out_text(built_run):
     assert f"route temperature {tuned['best']} (auto)" in (built_run / "report.md").read_text()
 
 
-def test_a_rebuild_with_nothing_changed_does_not_tune_again(run_copy, slice_corpus):
+def test_a_rebuild_with_nothing_changed_does_not_tune_again(run_copy, slice_corpus, monkeypatch):
     run = RunDir(run_copy)
     stamp = (run.temperature_path.stat().st_ino, run.temperature_path.stat().st_mtime_ns)
     record = run.read_manifest().stages["tune"]
+
+    def unread(*args):
+        raise AssertionError("a skipped tune stage read the held-out texts")
+
+    monkeypatch.setattr("flows.tuning.tuning_texts", unread)  # it reads the whole text column
     build(tiny_config(slice_corpus).to_dict(), str(run_copy))
     assert (run.temperature_path.stat().st_ino, run.temperature_path.stat().st_mtime_ns) == stamp
     assert run.read_manifest().stages["tune"] == record  # same finished_at: the stage was skipped
