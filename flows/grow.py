@@ -202,10 +202,11 @@ def _swap_dirs(run: RunDir, staging: Path) -> None:
 def _finish(run: RunDir, manifest: Manifest, job: dict) -> None:
     """Phase 4: the addition recorded and the job cleared (persisted with the assemble stage, so a kill
     before it repeats this phase), the report with the new clusters."""
-    manifest.additions.append({**job["summary"], "trained": job["steps"], "continued": job["continued"]})
-    manifest.jobs.pop("add", None)
-    assemble_run(PipelineConfig.from_dict(manifest.config), run, manifest)
-    run.write_manifest(manifest)
+    def complete(m: Manifest) -> None:
+        m.additions.append({**job["summary"], "trained": job["steps"], "continued": job["continued"]})
+        m.jobs.pop("add", None)
+
+    assemble_run(PipelineConfig.from_dict(manifest.config), run, manifest, complete)
     log.info("  add       %d document(s) added: cluster(s) %s joined, new cluster(s) %s",
              job["summary"]["documents"], sorted(int(c) for c in job["summary"]["joined"]),
              job["summary"]["new_clusters"])

@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 import pyarrow.parquet as pq
 from prefect import flow, task
@@ -127,16 +128,22 @@ def _embed(cfg: PipelineConfig, run: RunDir, runner: str) -> None:
     write_embeddings_meta(cfg.embed, run.corpus_path, run.embeddings_dir, embedder)
 
 
-def assemble_run(cfg: PipelineConfig, run: RunDir, manifest: Manifest) -> None:
+def assemble_run(cfg: PipelineConfig, run: RunDir, manifest: Manifest,
+                 complete: Callable[[Manifest], None] | None = None) -> None:
     """The tune and assemble stages (routing entry, route temperature, report, DONE) of a run whose experts are
-    all recorded."""
+    all recorded. ``complete(manifest)``: the end of the command's job (clear it, record what it did), applied
+    after tuning and persisted with the assemble stage, so that a command killed before that resumes its job."""
     manifest.routing = record_routing(manifest.routing, cfg.ensemble)
     run.write_manifest(manifest)  # the tune stage opens the run from disk, with this routing entry
     up = lambda name: (manifest.stages.get(name) or {}).get("outputs")  # noqa: E731
     tuning = tune_inputs(cfg, manifest, up("router") if cfg.ensemble.router == "prefix" else None, up("ingest"))
     tune_task(run, manifest, cfg, run.corpus_path, tuning)
+    if complete is not None:
+        complete(manifest)
     inputs = stage_inputs(cfg, manifest, "assemble")
     ran = run_stage(run, manifest, "assemble", inputs, lambda: report_task(run, manifest, label_field(cfg, run)))
+    if complete is not None and not ran:
+        run.write_manifest(manifest)  # the skipped stage recorded nothing: the job's end, still before DONE
     if ran or not run.done_path.exists():
         _publish_artifacts(run, manifest)
     atomic_write_text(run.done_path, time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
@@ -258,10 +265,10 @@ def retrain(run_dir: str, cluster_ids: list[int], runner: str = "thread", from_c
         todo = _retrain_job(run, manifest, sorted(set(cluster_ids)), from_current)
         train_experts(cfg, run, manifest, todo, force=True, keep_done=True, runner=runner,
                       from_current=from_current, job="retrain")
-        manifest.jobs.pop("retrain", None)
         if "assemble" in manifest.stages:
-            assemble_run(cfg, run, manifest)
+            assemble_run(cfg, run, manifest, complete=lambda m: m.jobs.pop("retrain", None))
         else:
+            manifest.jobs.pop("retrain", None)
             run.write_manifest(manifest)
     return summarize(run)
 

@@ -84,9 +84,13 @@ def test_a_killed_retrain_retrains_only_what_it_had_not_finished(killed_build, c
     assert run.read_manifest().jobs["retrain"] == {"clusters": [0, 2], "from_current": False, "done": [0]}
     kept, other = snapshot(run.root, ("experts/0",)), snapshot(run.root, ("experts/1", "experts/2"))
     assert cbtm(args, cli_env, fault="step:expert 2@7").returncode == KILLED  # killed again, mid-expert 2
+    assert cbtm(args, cli_env, fault="stage:tune").returncode == KILLED  # and after both, before assembling
+    assert run.read_manifest().jobs["retrain"]["done"] == [0, 2]  # the job ends with the assemble stage
+    second = snapshot(run.root, ("experts/2",))
     result = cbtm(args, cli_env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert snapshot(run.root, ("experts/0",)) == kept  # retrained once, not twice
+    assert snapshot(run.root, ("experts/2",)) == second
     assert snapshot(run.root, ("experts/1",)) == {k: v for k, v in other.items() if k.startswith("experts/1/")}
     assert snapshot(run.root, ("experts/2",)) != {k: v for k, v in other.items() if k.startswith("experts/2/")}
     manifest = run.read_manifest()
@@ -121,12 +125,15 @@ def test_a_killed_add_resumes_and_never_touches_the_old_experts(killed_build, cl
     assert (run.centroids_path.stat().st_ino, run.corpus_path.stat().st_ino) == before  # nothing swapped yet
     assert Ensemble.load(run.root).n_experts == 3  # the run still serves as it was
     assert cbtm(args, cli_env, fault="add:swap:embeddings").returncode == KILLED  # killed between two renames
+    assert cbtm(args, cli_env, fault="stage:tune").returncode == KILLED  # swapped, tuned, not yet assembled
+    assert run.read_manifest().jobs["add"] and not run.read_manifest().additions  # recorded with the assembly
     result = cbtm(args, cli_env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert snapshot(run.root, ("experts/3",)) == three  # trained once, not twice
     assert {k: v for k, v in snapshot(run.root, ("experts",)).items() if k.split("/")[1] in "012"} == old
     manifest = run.read_manifest()
     assert not manifest.jobs and manifest.additions[0]["new_clusters"] == [3, 4] and manifest.n_clusters == 5
+    assert len(manifest.additions) == 1  # recorded once, though the last phase ran twice
     assert not (run.root / ".cbtm-add").exists()
     assert Ensemble.load(run.root).n_experts == 5
 
