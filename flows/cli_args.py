@@ -14,7 +14,19 @@ def parser() -> argparse.ArgumentParser:
                                 "expert LM per domain, query the sparse ensemble.")
     p.add_argument("-v", "--verbose", action="store_true", help="show Prefect logs and full tracebacks")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _run_parser(sub)
+    _retrain_parser(sub)
+    _query_parser(sub)
+    _clusters_parser(sub)
+    _tune_parser(sub)
+    _eval_parser(sub)
+    _serve_parser(sub)
+    _grow_parsers(sub)
+    return p
 
+
+def _run_parser(sub) -> None:
+    """The `run` command: the build flow."""
     run = sub.add_parser("run", help="run the pipeline end to end (default: the embedded demo corpus)",
                          description="Run the build flow: ingest, embed, cluster, train one expert per cluster, "
                          "assemble. Re-running the same command resumes and skips finished stages.")
@@ -36,6 +48,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
                      help="override one config value, e.g. --set train.steps=300 (repeatable)")
 
+
+def _retrain_parser(sub) -> None:
+    """The `retrain` command."""
     retrain = sub.add_parser("retrain", help="retrain one cluster's expert and nothing else",
                              description="Retrain the expert(s) of the given cluster(s) from the seed; the new "
                              "expert replaces the old one atomically.")
@@ -46,6 +61,9 @@ def parser() -> argparse.ArgumentParser:
     retrain.add_argument("--continue", dest="from_current", action="store_true",
                          help="continue training the current expert instead of starting again from the seed")
 
+
+def _query_parser(sub) -> None:
+    """The `query` command."""
     query = sub.add_parser("query", help="route a prompt and print the ensemble's completion",
                            description="Print the routing weights of PROMPT and the top-k ensemble's completion.")
     query.add_argument("run_dir", metavar="RUN", help="a finished run directory")
@@ -61,6 +79,9 @@ def parser() -> argparse.ArgumentParser:
     query.add_argument("--reroute-every", metavar="N", type=int, default=None,
                        help="re-embed the growing context every N tokens and update the weights")
 
+
+def _clusters_parser(sub) -> None:
+    """The `clusters` tools (choose-k)."""
     clusters = sub.add_parser("clusters", help="inspect the clustering of a run (choose-k)",
                               description="Clustering tools; `cbtm clusters choose-k RUN --k 2,4,8` scores k.")
     csub = clusters.add_subparsers(dest="clusters_command", required=True, metavar="TOOL")
@@ -72,6 +93,9 @@ def parser() -> argparse.ArgumentParser:
     ck.add_argument("--sample-size", type=int, default=100_000, help="documents fitted per k (default: 100000)")
     ck.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
 
+
+def _tune_parser(sub) -> None:
+    """The `tune-temperature` command."""
     tune = sub.add_parser("tune-temperature", help="pick the routing temperature by held-out perplexity",
                           description="Score the held-out split at every temperature of the grid (the experts run "
                           "once), record the best in the run's manifest, plot perplexity against T.")
@@ -84,6 +108,9 @@ def parser() -> argparse.ArgumentParser:
                       help="forget the tuned temperature: the run's config value applies again (with "
                       "ensemble.route_temperature unset, the tune stage picks one at the next `cbtm run`)")
 
+
+def _eval_parser(sub) -> None:
+    """The `eval` command (perplexity, baselines, harness tasks)."""
     ev = sub.add_parser("eval", help="held-out perplexity of the ensemble, its experts and equal-budget baselines",
                         description="Score held-out text under the ensemble (routing from preceding context) at "
                         "top-1, top-2, top-4 and all experts, each expert alone, and optional baselines trained at "
@@ -108,9 +135,6 @@ def parser() -> argparse.ArgumentParser:
                     help="a folder of task YAMLs for --tasks (bench/harness_data.py writes cbtm's offline tasks)")
     ev.add_argument("--num-fewshot", metavar="K", type=int, default=None,
                     help="few-shot examples per --tasks prompt (default: each task's own)")
-    _serve_parser(sub)
-    _grow_parsers(sub)
-    return p
 
 
 def _grow_parsers(sub) -> None:

@@ -71,21 +71,40 @@ class ServerState:
 def create_app(ens, settings: ServeSettings):
     """The ASGI app serving ``ens``; the scheduler thread starts and stops with the app's lifespan."""
     state = ServerState(ens, settings)
+    app = FastAPI(title="cbtm", description="A c-BTM ensemble behind an OpenAI-compatible API",
+                  lifespan=_lifespan(state))
+    app.state.cbtm = state
+    _add_error_handlers(app, state)
+    if settings.api_key:
+        app.add_middleware(ApiKey, key=settings.api_key, metrics=state.metrics)
+    _add_info_routes(app, state)
+    _add_generation_routes(app, state)
+    return app
 
+
+def _lifespan(state: ServerState):
+    """The app's lifespan: the scheduler runs while the app does; SIGHUP reloads changed experts."""
     @asynccontextmanager
     async def lifespan(app):
         state.scheduler.start()
         try:
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(_reload()))
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP,
+                                                          lambda: asyncio.ensure_future(_reload(state.ens)))
         except (RuntimeError, ValueError, NotImplementedError):
             pass  # not the main thread (tests) or no SIGHUP on this platform
         yield
         state.scheduler.stop()
         state.router.stop()
+    return lifespan
 
-    app = FastAPI(title="cbtm", description="A c-BTM ensemble behind an OpenAI-compatible API", lifespan=lifespan)
-    app.state.cbtm = state
 
+async def _reload(ens) -> dict:
+    changed = await asyncio.to_thread(ens.reload)
+    return {"object": "reload", "changed_experts": changed}
+
+
+def _add_error_handlers(app: FastAPI, state: ServerState) -> None:
+    """OpenAI-style error bodies for ApiError and for request validation (400 bad JSON, 422 bad field)."""
     @app.exception_handler(ApiError)
     async def api_error(request, exc: ApiError):
         state.metrics.request(request.url.path, exc.status)
@@ -102,12 +121,10 @@ def create_app(ens, settings: ServeSettings):
         return await api_error(request, ApiError(422, f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid')}",
                                                  param))
 
-    if settings.api_key:
-        app.add_middleware(ApiKey, key=settings.api_key, metrics=state.metrics)
 
-    async def _reload() -> dict:
-        changed = await asyncio.to_thread(ens.reload)
-        return {"object": "reload", "changed_experts": changed}
+def _add_info_routes(app: FastAPI, state: ServerState) -> None:
+    """/health, /v1/models, /v1/route, /v1/reload and /metrics."""
+    ens, settings = state.ens, state.settings
 
     @app.get("/health")
     async def health():
@@ -138,13 +155,18 @@ def create_app(ens, settings: ServeSettings):
 
     @app.post("/v1/reload")
     async def reload():
-        return await _reload()
+        return await _reload(ens)
 
     @app.get("/metrics")
     async def metrics():
         state.metrics.batch(state.scheduler.queue_depth(), state.metrics.active_rows, state.metrics.expert_lanes)
         return PlainTextResponse(state.metrics.render([e["cluster_id"] for e in ens.experts]),
                                  media_type="text/plain; version=0.0.4")
+
+
+def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
+    """/v1/completions and /v1/chat/completions, streamed (SSE) or whole."""
+    ens, settings = state.ens, state.settings
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -183,8 +205,6 @@ def create_app(ens, settings: ServeSettings):
                              "logprobs": _chat_logprobs(t), "finish_reason": finish_reason(t.row)}
                             for i, t in enumerate(texts)],
                 "usage": usage(prompt_tokens, job), "cbtm": routing_extension(job, n)}
-
-    return app
 
 
 class ApiKey:
