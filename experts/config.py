@@ -1,7 +1,7 @@
 """Configuration of the tokenizer/seed and the per-cluster expert training stages."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ground.device import PRECISIONS, check_device_name
 from ground.errors import UserInputError
@@ -69,8 +69,11 @@ class TrainConfig:
     Compute budget: ``total_tokens`` (all experts together) is split across experts in proportion to their
     clusters' training tokens ("proportional") or equally ("equal"), see `experts.budget`; when it is None
     every expert trains ``steps`` optimizer steps. One step sees ``batch_size * block_size * grad_accum``
-    tokens. ``checkpoint_every`` steps (0: never) a resumable checkpoint is written; ``retries`` is how often
-    the flow restarts a failed expert (each restart resumes from its last checkpoint).
+    tokens. After a seed phase, every model branched from it (experts, baselines, added and retrained experts)
+    warms up to ``branch_lr_ratio * lr`` instead of ``lr`` (the seed phase itself trains at ``lr``): a branch
+    continues a trained model, often for few steps. ``checkpoint_every`` steps (0: never) a resumable
+    checkpoint is written; ``retries`` is how often the flow restarts a failed expert (each restart resumes
+    from its last checkpoint).
     """
 
     steps: int = 150
@@ -78,6 +81,7 @@ class TrainConfig:
     block_size: int = 128
     grad_accum: int = 1
     lr: float = 3e-3
+    branch_lr_ratio: float = 1.0
     min_lr_ratio: float = 0.1
     warmup_steps: int = 10
     weight_decay: float = 0.1
@@ -100,6 +104,9 @@ class TrainConfig:
                 raise UserInputError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise UserInputError(f"train.lr must be > 0, got {self.lr}")
+        if not 0.0 < self.branch_lr_ratio <= 1.0:
+            raise UserInputError(f"train.branch_lr_ratio must be in (0, 1] (the branches' peak lr over train.lr), "
+                                 f"got {self.branch_lr_ratio}")
         if self.warmup_steps < 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
             raise UserInputError("train.warmup_steps must be >= 0 and train.min_lr_ratio in [0, 1]")
         if self.grad_clip <= 0:
@@ -118,3 +125,10 @@ class TrainConfig:
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.block_size * self.grad_accum
+
+    def branched(self, seed_phase: bool) -> "TrainConfig":
+        """The settings a model branched from the seed trains with: peak lr ``branch_lr_ratio * lr`` after a
+        seed phase (``seed_phase``); without one the seed is untrained and the branches train at ``lr``."""
+        if not seed_phase or self.branch_lr_ratio == 1.0:
+            return self
+        return replace(self, lr=self.lr * self.branch_lr_ratio, branch_lr_ratio=1.0)

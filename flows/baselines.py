@@ -116,7 +116,7 @@ def plan_derived(parent: RunDir, root: Path, name: str, clusters_key: dict, n_cl
     total = spent_tokens(pm, cfg) if total_tokens is None else total_tokens
     up = lambda s: (pm.stages.get(s) or {}).get("outputs")  # noqa: E731
     key = hash_json({"clusters": clusters_key, "ingest": up("ingest"), "embed": up("embed")})
-    train = dataclasses.replace(cfg.train, total_tokens=total)
+    train = dataclasses.replace(cfg.train.branched(bool(cfg.seed_tokens())), total_tokens=total)
     if total < train.tokens_per_step:  # before any file of the derived run is written
         raise UserInputError(f"{name}: train.total_tokens={total:,} is less than one step: give at least "
                              f"{train.tokens_per_step:,} tokens (batch_size x block_size x grad_accum)")

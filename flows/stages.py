@@ -44,7 +44,9 @@ def stage_inputs(cfg: PipelineConfig, manifest: Manifest, stage: str, cluster_id
         prev = up("ingest") if stage == "tokenizer" else up("tokenizer")
         return hash_json({"cfg": _seed_settings(cfg), "up": prev})
     if stage == "pretrain":
-        return hash_json({"tokens": cfg.seed_tokens(), "train": hashed_settings(cfg.train),
+        # The branches' learning rate is not the seed phase's input.
+        train = {k: v for k, v in hashed_settings(cfg.train).items() if k != "branch_lr_ratio"}
+        return hash_json({"tokens": cfg.seed_tokens(), "train": train,
                           "seed": up("seed")})
     if stage == "expert":
         return hash_json({"cfg": hashed_settings(cfg.train), "seed": up("seed"), "cluster": up("cluster"),

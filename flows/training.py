@@ -113,7 +113,7 @@ def train_experts(cfg: PipelineConfig, run: RunDir, manifest: Manifest, cluster_
     log.info("  train     %d expert(s) to train, %d up to date", len(todo), len(cluster_ids) - len(todo))
     if todo and not keep_done:
         run.done_path.unlink(missing_ok=True)
-    jobs = {cid: dict(cfg=cfg.train, seed_dir=branch, corpus_path=corpus_path,
+    jobs = {cid: dict(cfg=cfg.train.branched(bool(seed_tokens)), seed_dir=branch, corpus_path=corpus_path,
                       assignments_path=assignments_path, cluster_id=cid, out_dir=run.expert_dir(cid),
                       checkpoint_dir=run.checkpoint_dir(cid), steps=steps[cid], cache_dir=run.token_cache,
                       init_dir=run.expert_dir(cid) if from_current else None) for cid in todo}

@@ -45,12 +45,17 @@ STAGES = ("ingest", "embed", "cluster", "train", "assemble")
 # Settings that change where, how fast or how safely work runs, never what it computes: no stage input hash
 # and no training-checkpoint fingerprint includes them.
 NOT_HASHED = frozenset({"device", "retries", "checkpoint_every", "eval_every", "compile"})
+# Settings added after runs existed, with the value that computes what those runs computed: hashed only when set
+# to something else, so that a run of an older cbtm (and its checkpoints) stays current.
+HASHED_WHEN_CHANGED = {"branch_lr_ratio": 1.0}
 ROUTING_KEYS = ("route_temperature", "top_k")
 
 
 def hashed_settings(section) -> dict:
-    """A config dataclass as its stage hashes it: every field but the `NOT_HASHED` ones."""
-    return {k: v for k, v in dataclasses.asdict(section).items() if k not in NOT_HASHED}
+    """A config dataclass as its stage hashes it: every field but the `NOT_HASHED` ones (and the
+    `HASHED_WHEN_CHANGED` ones at their old value)."""
+    return {k: v for k, v in dataclasses.asdict(section).items()
+            if k not in NOT_HASHED and HASHED_WHEN_CHANGED.get(k, object()) != v}
 
 
 def library_versions() -> dict[str, str]:

@@ -81,3 +81,20 @@ def test_the_seed_phase_is_part_of_the_budget_on_both_sides():
     assert seed_phase_tokens(SeedConfig(pretrain_tokens=1000), train, 4) == 7 * 128  # whole steps
     with pytest.raises(UserInputError, match="takes the whole training budget"):
         seed_phase_tokens(SeedConfig(pretrain_tokens=10 ** 9), train, 4)
+
+
+def test_branches_warm_up_to_their_own_peak_lr_and_older_runs_keep_their_hashes():
+    from ground.rundir import hashed_settings
+
+    train = TrainConfig(lr=3e-3, branch_lr_ratio=0.25)
+    branched = train.branched(seed_phase=True)
+    assert branched.lr == pytest.approx(7.5e-4) and branched.branched(True) == branched  # applied once
+    assert train.branched(seed_phase=False) is train  # no seed phase: the branches are the first to train
+    default = TrainConfig()
+    assert default.branched(True) is default  # ratio 1: the settings as they are
+    # The default computes what runs of an older cbtm computed, so it leaves their stage hashes as they were.
+    assert "branch_lr_ratio" not in hashed_settings(TrainConfig())
+    assert hashed_settings(train)["branch_lr_ratio"] == 0.25
+    for bad in (0.0, 1.5, -1.0):
+        with pytest.raises(UserInputError, match="branch_lr_ratio must be in"):
+            TrainConfig(branch_lr_ratio=bad)

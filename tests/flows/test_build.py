@@ -92,6 +92,33 @@ def test_a_changed_training_config_retrains_experts_but_keeps_clusters(built_run
     assert all(e["steps"] == expert_budget(cfg.train, cfg.seed_tokens(), 3).steps for e in manifest.experts.values())
 
 
+def _final_lr(model_dir):
+    """The learning rate of a model's last step: min_lr_ratio x its peak (cosine decay ends there)."""
+    return json.loads((model_dir / "metrics.jsonl").read_text().splitlines()[-1])["lr"]
+
+
+def test_the_branch_lr_ratio_retrains_experts_and_baselines_at_their_peak_lr_but_not_the_seed_phase(
+        built_run, slice_corpus, tmp_path):
+    from flows.baselines import plan_baseline
+
+    run_dir = shutil.copytree(built_run, tmp_path / "run")
+    before = expert_mtimes(run_dir)
+    pretrained = (run_dir / "pretrained" / "model.safetensors").stat()
+    cfg = tiny_config(slice_corpus).with_overrides(["train.branch_lr_ratio=0.25"])
+    build(cfg.to_dict(), str(run_dir))
+    after = (run_dir / "pretrained" / "model.safetensors").stat()
+    assert (after.st_ino, after.st_mtime_ns) == (pretrained.st_ino, pretrained.st_mtime_ns)  # seed phase kept
+    assert all(after_t != before[k] for k, after_t in expert_mtimes(run_dir).items() if k.endswith(".safetensors"))
+    end = cfg.train.min_lr_ratio * cfg.train.lr
+    assert _final_lr(run_dir / "pretrained") == pytest.approx(end)
+    assert all(_final_lr(built_run / "experts" / str(i)) == pytest.approx(end) for i in range(3))  # ratio 1
+    assert all(_final_lr(run_dir / "experts" / str(i)) == pytest.approx(0.25 * end) for i in range(3))
+    lr = cfg.train.lr
+    assert plan_baseline(RunDir(run_dir), "dense").train.lr == pytest.approx(0.25 * lr)  # like for like
+    unchanged = shutil.copytree(built_run, tmp_path / "unchanged")  # a plan writes the baseline's directory
+    assert plan_baseline(RunDir(unchanged), "dense").train.lr == lr
+
+
 def test_retrain_replaces_one_expert_and_leaves_the_others_untouched(built_run, tmp_path):
     run_dir = shutil.copytree(built_run, tmp_path / "run")
     ens = Ensemble.load(run_dir)
