@@ -1,9 +1,11 @@
 """Helpers of the fault-injection and bad-input suites: real `cbtm` subprocesses, file snapshots."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -37,11 +39,60 @@ def cli_env(prefect_harness) -> dict:
     return env
 
 
-def cbtm(args: list[str], env: dict, fault: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run `cbtm ARGS` in a real subprocess (``fault``: CBTM_FAULT, a SIGKILL at that point)."""
+class Zygote:
+    """`tests/trust/zygote.py` started with one environment: it forks a `cbtm` child per command (see there)."""
+
+    def __init__(self, env: dict):
+        self.env = dict(env)
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("zygote.py"))], env=self.env,
+                                     cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._reply()  # ready: the imports are done
+
+    def _reply(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith("ZYGOTE "):
+                return json.loads(line[len("ZYGOTE "):])
+        raise RuntimeError(f"the zygote exited with {self.proc.wait()}")
+
+    def run(self, args: list[str], env: dict, timeout: float, workdir: Path) -> subprocess.CompletedProcess:
+        out, err = workdir / "stdout", workdir / "stderr"
+        request = dict(args=args, env=env, cwd=str(ROOT), stdout=str(out), stderr=str(err), timeout=timeout)
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        reply = self._reply()
+        stdout, stderr = out.read_text(errors="replace"), err.read_text(errors="replace")
+        if reply["timed_out"]:
+            raise subprocess.TimeoutExpired(args, timeout, stdout, stderr)
+        return subprocess.CompletedProcess(args, reply["returncode"], stdout, stderr)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(30)
+
+
+_ZYGOTES: dict[tuple, Zygote] = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_zygotes():
+    yield
+    while _ZYGOTES:
+        _ZYGOTES.popitem()[1].close()
+
+
+def cbtm(args: list[str], env: dict, fault: str | None = None, timeout: float = 300,
+         fresh: bool = False) -> subprocess.CompletedProcess:
+    """Run `cbtm ARGS` in a real subprocess (``fault``: CBTM_FAULT, a SIGKILL at that point): forked from a
+    zygote that has the imports done, or (``fresh``) a new interpreter, `python -m flows.cli ARGS`."""
     run_env = dict(env, **({"CBTM_FAULT": fault} if fault else {}))
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], env=run_env, capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+    if fresh:
+        return subprocess.run([sys.executable, "-m", "flows.cli", *args], env=run_env, capture_output=True,
+                              text=True, timeout=timeout, cwd=ROOT)
+    key = tuple(sorted(env.items()))
+    if key not in _ZYGOTES:
+        _ZYGOTES[key] = Zygote(env)
+    with tempfile.TemporaryDirectory(prefix="cbtm-") as workdir:
+        return _ZYGOTES[key].run(args, run_env, timeout, Path(workdir))
 
 
 @pytest.fixture(scope="session")
