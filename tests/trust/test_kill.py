@@ -2,9 +2,9 @@
 
 Each kill is a real SIGKILL of a real `cbtm` subprocess, sent by the process itself at a named point
 (`ground.faults`), so that the moment is exact rather than guessed. The killed processes are forked from a
-zygote that has the imports done (tests/trust/zygote.py: 1-4 s a kill instead of 4-9 s); the run that
-finishes the killed build is a new interpreter, as a user's rerun would be. After each kill the finished artifacts are
-compared by inode and mtime, not only bytes: training is deterministic, so rewritten files would be equal.
+zygote that has the imports done (tests/trust/zygote.py; README, Development, has the time it saves); the run
+that finishes the killed build is a new interpreter, as a user's rerun would be. After each kill the finished
+artifacts are compared by inode and mtime, not only bytes: training is deterministic, so rewritten files would be equal.
 """
 import json
 import shutil

@@ -1,12 +1,13 @@
 """A process that imports cbtm's command modules once, then forks one child per `cbtm` command it is sent.
 
-A `cbtm` subprocess spends most of a short command importing torch, scikit-learn and Prefect (about 6 s of
-8 s for a run killed after ingest). The kill tests start two dozen of them, so this process pays the imports
-once and forks: each child is a real process that runs `flows.cli.main(args)` exactly as `python -m
-flows.cli` would (its own environment, cwd, stdout and stderr files, exit code), reaches its fault point and
-is killed with a real SIGKILL. Nothing runs before the fork but imports, and no Python thread exists then;
-the native threads that importing torch, pyarrow (jemalloc) and scikit-learn start are the ones every
-`multiprocessing` fork and torch DataLoader worker copies, and those libraries re-arm them after a fork.
+A `cbtm` subprocess spends most of a short command importing torch, scikit-learn and Prefect (6.2 s of 8.4 s
+for a run killed after ingest, measured on 2026-12-02 with `python -X importtime`). The kill tests start two
+dozen of them, so this process pays the imports once and forks: each child is a real process that runs
+`flows.cli.main(args)` exactly as `python -m flows.cli` would (its own environment, cwd, stdout and stderr
+files, exit code), reaches its fault point and is killed with a real SIGKILL. Nothing runs before the fork but
+imports, and no Python thread exists then; the native threads that importing torch, pyarrow (jemalloc) and
+scikit-learn start are the ones every `multiprocessing` fork and torch DataLoader worker copies, and those
+libraries re-arm them after a fork.
 
 Protocol: one JSON request per line on stdin ``{"args", "env", "cwd", "stdout", "stderr", "timeout"}``; one
 line ``ZYGOTE {"returncode": int, "timed_out": bool}`` per request on stdout. EOF on stdin ends it.
@@ -48,34 +49,36 @@ def _preload() -> None:
         raise RuntimeError(f"imports started Python threads, forking would not be safe: {threading.enumerate()}")
 
 
+def _become(request: dict) -> None:
+    """Take the request's process group, stdin (/dev/null), stdout and stderr files, cwd, environment, argv."""
+    os.setpgid(0, 0)
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    sys.argv = [flows.cli.__file__, *request["args"]]
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def _child(request: dict) -> None:
-    """Become `cbtm ARGS` in a fresh process image of this one; never returns."""
+    """Become `cbtm ARGS` in a fresh process image of this one; exits as the interpreter would, never returns."""
     code = 1
     try:
-        os.setpgid(0, 0)
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
-            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
-        os.chdir(request["cwd"])
-        os.environ.clear()
-        os.environ.update(request["env"])
-        sys.argv = [flows.cli.__file__, *request["args"]]
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        try:
-            code = flows.cli.main(request["args"])
-        except SystemExit as exc:  # argparse and sys.exit, as the interpreter would report them
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-            if not isinstance(exc.code, (int, type(None))):
-                print(exc.code, file=sys.stderr)
-        atexit._run_exitfuncs()  # what a normal interpreter exit runs (Prefect drains its workers here)
-    except BaseException:  # noqa: BLE001 - report it like the interpreter would, then exit 1
+        _become(request)
+        code = flows.cli.main(request["args"])
+    except SystemExit as exc:  # argparse and sys.exit
+        code = exc.code
+    except BaseException:  # noqa: BLE001 - reported like the interpreter would, exit status 1
         traceback.print_exc()
-        code = 1
     finally:
+        atexit._run_exitfuncs()  # what a normal interpreter exit runs (Prefect drains its workers here)
+        if not isinstance(code, (int, type(None))):
+            print(code, file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(code if isinstance(code, int) else 1)
+        os._exit(code if isinstance(code, int) else 0 if code is None else 1)
 
 
 def _serve(request: dict) -> dict:
