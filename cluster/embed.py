@@ -18,6 +18,7 @@ from cluster.config import EmbedConfig
 from cluster.hybrid import HybridEmbedder
 from cluster.minilm import PROGRESS_CHUNK, SentenceTransformerEmbedder
 from cluster.tfidf import TfidfEmbedder, fit_tfidf
+from ground.arrays import load_npy
 from ground.errors import UserInputError
 from ground.files import atomic_write_text
 from ground.progress import progress
@@ -136,7 +137,7 @@ def _shard_done(vec_path: Path, ids_path: Path, shape: tuple[int, int], dtype: n
     if not (vec_path.exists() and ids_path.exists()):
         return False
     try:
-        done = np.load(vec_path, mmap_mode="r")
+        done = load_npy(vec_path, mmap_mode="r")
     except (OSError, ValueError):
         return False
     return done.shape == shape and done.dtype == dtype
@@ -224,6 +225,6 @@ def load_embeddings(emb_dir: Path) -> tuple[list[str], np.ndarray]:
     parts = []
     for shard in range(meta["n_shards"]):
         ids += json.loads((emb_dir / f"shard-{shard:05d}.ids.json").read_text())
-        parts.append(np.load(emb_dir / f"shard-{shard:05d}.npy", mmap_mode="r"))
+        parts.append(load_npy(emb_dir / f"shard-{shard:05d}.npy", mmap_mode="r"))
     vectors = np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, meta["dim"]), np.float32)
     return ids, vectors

@@ -24,6 +24,7 @@ from cluster.corpus import document_id, read_documents
 from cluster.embed import claim_embed_dir, encode_length_sorted, load_embeddings, shard_paths
 from cluster.kmeans import SphericalKMeans, normalize_rows, read_clusters, squared_distances, write_clusters
 from cluster.report import describe_clusters, label_summary
+from ground.arrays import load_npy
 from ground.errors import UserInputError
 from ground.files import atomic_write_text
 from ground.progress import progress
@@ -126,7 +127,7 @@ def stage_growth(run: RunDir, added: pa.Table, embedder, embed_cfg: EmbedConfig,
     ``corpus/``, ``embeddings/`` and ``clusters/`` under ``staging``. ``joinable``: bool [k] clusters new
     documents may join (trained, not removed). Returns the addition's summary (JSON-able)."""
     assignments = pq.read_table(run.assignments_path)
-    centroids = np.load(run.centroids_path).astype(np.float32)
+    centroids = load_npy(run.centroids_path).astype(np.float32)
     train_old = np.array(assignments.column("split").to_pylist()) == "train"
     thresholds = join_thresholds(assignments.column("distance").to_numpy(), assignments.column("cluster_id")
                                  .to_numpy(), train_old, len(centroids), grow.join_percentile)

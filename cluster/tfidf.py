@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ground.arrays import load_npy
 from ground.errors import UserInputError
 from ground.files import atomic_dir
 
@@ -115,8 +116,8 @@ class TfidfEmbedder:
         try:
             info = json.loads((directory / "settings.json").read_text(encoding="utf-8"))
             vocab = json.loads((directory / "vocabulary.json").read_text(encoding="utf-8"))
-            idf = np.load(directory / "idf.npy", allow_pickle=False)
-            components = np.load(directory / "components.npy", allow_pickle=False)
+            idf = load_npy(directory / "idf.npy")
+            components = load_npy(directory / "components.npy")
         except (OSError, ValueError) as exc:
             raise UserInputError(f"tf-idf embedder at {directory} is missing or corrupt ({type(exc).__name__}): "
                                  "re-run the embed stage (cbtm run --force embed)") from exc

@@ -29,6 +29,7 @@ from ensemble.sequential import SequentialBackend
 from ensemble.stacked import Shape, unstackable_reason
 from ensemble.stacked_backend import StackedBackend
 from experts.tokenizer import load_tokenizer
+from ground.arrays import load_npy
 from ground.device import resolve_device
 from ground.errors import IncompatibleRunError
 from ground.fields import finite_positive
@@ -131,7 +132,7 @@ class Ensemble:
         if self._router_kind and self._router_kind != config.router:  # the run's temperature is the other's
             config = dataclasses.replace(config, router=self._router_kind, route_temperature=None)
             routing = {k: v for k, v in routing.items() if k != "route_temperature"}
-        centroids = np.load(run.centroids_path).astype(np.float32)
+        centroids = load_npy(run.centroids_path).astype(np.float32)
         removed = set(manifest.removed)
         active = np.array([c for c in range(len(centroids)) if c not in removed
                            and not manifest.experts.get(str(c), {}).get("skipped")], dtype=np.int64)

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from scipy.sparse import csr_matrix
 
+from ground.arrays import load_npy
+
 N_HASHED = 1 << 16      # columns of the router's own hashed unigram + bigram features
 MODEL_HASHED = 1 << 22  # key space of the n-gram model (sparse counts: its size costs nothing)
 MODEL_ORDER = 3         # the n-gram model counts unigrams, bigrams and trigrams
@@ -119,7 +121,7 @@ class NgramCounts:
     @classmethod
     def load(cls, directory: Path, settings: dict, n_clusters: int) -> "NgramCounts":
         """Read what ``save`` wrote; raises OSError/ValueError on a missing or inconsistent file."""
-        data, indices, indptr = (np.load(Path(directory) / f"ngram_{name}.npy", allow_pickle=False)
+        data, indices, indptr = (load_npy(Path(directory) / f"ngram_{name}.npy")
                                  for name in ("data", "indices", "indptr"))
         n_hashed = int(settings["n_hashed"])
         counts = csr_matrix((data.astype(np.float32), indices, indptr), shape=(n_clusters, n_hashed))
@@ -178,7 +180,7 @@ def read_ngram(directory: Path, info: dict, n_clusters: int) -> NgramCounts | De
     if info.get("trivial") or info.get("version", 1) < 2:
         return None
     if info["version"] == 2:
-        log_probs = np.load(Path(directory) / "ngram_log_probs.npy", allow_pickle=False)
+        log_probs = load_npy(Path(directory) / "ngram_log_probs.npy")
         if log_probs.shape != (n_clusters, N_HASHED):
             raise ValueError(f"ngram_log_probs.npy has shape {log_probs.shape}")
         return DenseNgram(log_probs)

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from cluster.kmeans import squared_distances
 from ensemble.prefix_ngrams import MAX_DOCS as NGRAM_DOCS
 from ensemble.prefix_ngrams import NgramCounts, NgramModel, hashed_ngrams, read_ngram
+from ground.arrays import load_npy
 from ground.errors import IncompatibleRunError
 from ground.files import atomic_dir
 
@@ -257,8 +258,8 @@ class PrefixRouter:
                    "`cbtm run --out RUN`")
         try:
             self.info = json.loads((directory / "settings.json").read_text())
-            self.coef = np.load(directory / "coef.npy", allow_pickle=False)
-            self.intercept = np.load(directory / "intercept.npy", allow_pickle=False)
+            self.coef = load_npy(directory / "coef.npy")
+            self.intercept = load_npy(directory / "intercept.npy")
         except (OSError, ValueError) as exc:
             raise IncompatibleRunError(damaged.format(type(exc).__name__)) from exc
         if self.info.get("format") != FORMAT or self.coef.shape != (len(centroids), self.info["n_features"]):

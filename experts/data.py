@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ground.arrays import load_npy
 from ground.files import hash_path
 
 log = logging.getLogger(__name__)
@@ -166,7 +167,7 @@ def token_stream(tokens, assignments_path: Path | None, cluster_id: int | None, 
     if not path.exists():
         dtype = np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
         _write_stream(tokens.data.table, ids, split, path, dtype)
-    return np.load(path, mmap_mode="r")
+    return load_npy(path, mmap_mode="r")
 
 
 def _write_stream(table: pa.Table, ids: pa.Array | None, split: str, path: Path, dtype) -> None:

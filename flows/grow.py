@@ -35,6 +35,7 @@ from flows.pipeline import assemble_run, record_config, router_task, summarize
 from flows.report import label_field
 from flows.training import train_experts
 from ground import faults
+from ground.arrays import load_npy
 from ground.errors import UserInputError
 from ground.files import clean_stale_temporaries, hash_path
 from ground.rundir import Manifest, RunDir
@@ -106,7 +107,7 @@ def _stage(run: RunDir, manifest: Manifest, cfg: PipelineConfig, corpus_cfg: Cor
                                  "skipped): nothing to add")
         embedder = load_embedder(cfg.embed, run.embeddings_dir)
         check_embedder(embedder, run)
-        k_old = len(np.load(run.centroids_path))
+        k_old = len(load_npy(run.centroids_path))
         joinable = np.array([_joinable(manifest, c) for c in range(k_old)])
         summary = stage_growth(run, added, embedder, cfg.embed, cfg.cluster, grow, joinable, label_field(cfg, run),
                                staging)
@@ -133,7 +134,7 @@ def _steps(run: RunDir, manifest: Manifest, cfg: PipelineConfig, new_ids: list[i
            continued: list[int]) -> dict[int, int]:
     staging = run.root / STAGING
     branch = run.branch_dir(bool(cfg.seed_tokens()))
-    k_old = len(np.load(run.centroids_path))
+    k_old = len(load_npy(run.centroids_path))
     old_tokens = cluster_token_counts(branch, run.corpus_path, run.assignments_path, k_old, run.token_cache)
     grown = cluster_token_counts(branch, staging / "corpus" / run.corpus_path.name,
                                  staging / "clusters" / "assignments.parquet", k_old + len(new_ids), run.token_cache)

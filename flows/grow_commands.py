@@ -6,8 +6,6 @@ import logging
 import shutil
 from pathlib import Path
 
-import numpy as np
-
 from cluster.config import CorpusConfig, GrowConfig
 from cluster.corpus import check_corpus
 from flows.api_server import api_server
@@ -15,6 +13,7 @@ from flows.commands import print_summary
 from flows.config import PipelineConfig
 from flows.grow import add
 from flows.runners import task_runner
+from ground.arrays import load_npy
 from ground.errors import UserInputError
 from ground.files import hash_path
 from ground.rundir import RunDir
@@ -69,7 +68,7 @@ def _check_ids(run: RunDir, ids: list[int]) -> None:
 def _centroid_count(run: RunDir) -> range:
     if not run.centroids_path.exists():
         raise UserInputError(f"run {run.root} has no clusters: finish it with `cbtm run --out {run.root}`")
-    return range(len(np.load(run.centroids_path, mmap_mode="r")))
+    return range(len(load_npy(run.centroids_path, mmap_mode="r")))
 
 
 def cmd_remove(args) -> int:

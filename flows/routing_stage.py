@@ -11,6 +11,7 @@ from cluster.config import EmbedConfig
 from cluster.embed import load_embedder
 from ensemble.prefix_router import fit_prefix_router
 from experts.tokenizer import open_tokenizer
+from ground.arrays import load_npy
 from ground.files import atomic_write_bytes
 
 
@@ -31,7 +32,7 @@ def train_router(corpus_path: Path, clusters_dir: Path, tokenizer_dir: Path, emb
         key = hashlib.sha256("\0".join([str(embeddings_dir), *texts]).encode()).hexdigest()[:24]
         path = Path(cache_dir) / f"prefixes-{key}.npy"
         if path.exists():
-            return np.load(path)
+            return load_npy(path)
         vectors = embedder.encode(texts)
         buffer = io.BytesIO()
         np.save(buffer, vectors)
@@ -39,4 +40,4 @@ def train_router(corpus_path: Path, clusters_dir: Path, tokenizer_dir: Path, emb
         return vectors
 
     return fit_prefix_router(corpus_path, Path(clusters_dir) / "assignments.parquet",
-                             np.load(Path(clusters_dir) / "centroids.npy"), embed, encode, tokenizer.decode, out_dir)
+                             load_npy(Path(clusters_dir) / "centroids.npy"), embed, encode, tokenizer.decode, out_dir)

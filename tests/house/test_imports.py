@@ -129,6 +129,20 @@ def test_lazy_imports_are_only_of_heavy_third_party_libraries():
     assert not bad, bad
 
 
+def direct_npy_loads(source: str) -> list[int]:
+    """Lines of ``np.load`` / ``numpy.load`` calls in a module's source."""
+    return [node.lineno for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute) and node.func.attr == "load"
+            and isinstance(node.func.value, ast.Name) and node.func.value.id in ("np", "numpy")]
+
+
+def test_library_reads_npy_files_only_through_ground_arrays():
+    """np.load in two threads at once can raise SystemError on CPython 3.11 (ground/arrays.py says why)."""
+    bad = [f"{mod}:{line}" for mod, path in modules().items() if mod != "ground.arrays"
+           for line in direct_npy_loads(path.read_text())]
+    assert not bad, bad
+
+
 def test_the_rule_catches_what_it_is_meant_to(tmp_path):
     """The checks themselves can fail: a cycle is found, an upward import is named."""
     assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
@@ -136,3 +150,4 @@ def test_the_rule_catches_what_it_is_meant_to(tmp_path):
     bad = tmp_path / "m.py"
     bad.write_text("def f():\n    from ensemble.api import Ensemble\n")
     assert imports(bad) == [("ensemble.api", False)]
+    assert direct_npy_loads("import numpy as np\nx = 1\ny = np.load('a.npy', mmap_mode='r')\n") == [3]

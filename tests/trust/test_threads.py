@@ -1,11 +1,16 @@
 """One `Ensemble` shared by 8-16 threads: first use, the LRU bound and reload() are safe, and every greedy
 answer equals the same call made alone."""
+import gc
+import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 
 from ensemble import Ensemble
 from experts.models import load_causal_lm
+from ground.arrays import load_npy
 
 PROMPTS = ["Bread dough should rise", "The goalkeeper saved", "The telescope showed", "Knead the dough",
            "The striker scored", "Stars and galaxies", "Roast the vegetables", "The referee"]
@@ -93,3 +98,49 @@ def test_an_ensemble_keeps_the_experts_it_loaded_until_reload(built_run, tmp_pat
     np.testing.assert_array_equal(untouched.score(text, experts=[2], top_k=1)[0], old)
     assert untouched.reload() == [2]
     np.testing.assert_array_equal(untouched.score(text, experts=[2], top_k=1)[0], new)
+
+
+class _Finalised:
+    def __del__(self):
+        sum(range(50))  # Python code run by the garbage collector: a point where another thread can take over
+
+
+def _errors_loading_from_threads(load, path, threads=8, rounds=1000) -> list[SystemError]:
+    """The SystemErrors of ``load(path)`` called ``rounds`` times from each of ``threads`` threads, with the
+    interpreter switching threads every microsecond and the collector running finalizers mid-parse."""
+    errors = []
+
+    def work():
+        for _ in range(rounds):
+            cycle = [_Finalised()]
+            cycle.append(cycle)
+            try:
+                load(path)
+            except SystemError as exc:
+                errors.append(exc)
+                return
+
+    interval, threshold = sys.getswitchinterval(), gc.get_threshold()
+    sys.setswitchinterval(1e-6)
+    gc.set_threshold(5, 1, 1)
+    try:
+        workers = [threading.Thread(target=work) for _ in range(threads)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+        gc.set_threshold(*threshold)
+    return errors
+
+
+def test_npy_reads_from_many_threads_never_hit_the_ast_race(tmp_path):
+    """CI failed once in Ensemble.reload() from 16 threads: np.load parses .npy headers with ast.literal_eval,
+    which CPython 3.11 cannot run in two threads at once (python/cpython#106905). load_npy serialises it."""
+    path = tmp_path / "a.npy"
+    np.save(path, np.arange(4))
+    if sys.version_info[:2] == (3, 11):  # the Python CI runs: the stress reproduces the race with plain np.load
+        assert _errors_loading_from_threads(np.load, path)
+    assert _errors_loading_from_threads(load_npy, path) == []
+    np.testing.assert_array_equal(load_npy(path), np.arange(4))
