@@ -192,19 +192,25 @@ def fit_residual(x, y: np.ndarray, k: int, l2: float, d2_col: int, steps: int = 
     d^2 columns, intercept float32 [k])."""
     import torch
 
-    x = x.tocoo()
+    base = np.zeros((x.shape[1], k), np.float32)
+    base[d2_col:d2_col + k] = np.eye(k, dtype=np.float32) / CENTROID_T
+    # A column no prefix uses has no gradient from the data, so its weights stay at their start, 0, and the
+    # optimum is the same without it: fitting only the used columns makes each step cost what the data holds
+    # rather than the 2^16 hashed columns.
+    x = x.tocsc()
+    used = np.flatnonzero(np.diff(x.indptr))
+    x = x[:, used].tocoo()
     xt = torch.sparse_coo_tensor(np.vstack([x.row, x.col]), x.data, x.shape, dtype=torch.float32,
                                  check_invariants=False).coalesce()
-    base = torch.zeros(x.shape[1], k)
-    base[d2_col:d2_col + k] = torch.eye(k) / CENTROID_T
+    base_used = torch.as_tensor(base[used])
     target = torch.as_tensor(y, dtype=torch.long)
-    w = torch.zeros(x.shape[1], k, requires_grad=True)
+    w = torch.zeros(len(used), k, requires_grad=True)
     b = torch.zeros(k, requires_grad=True)
     optimizer = torch.optim.LBFGS([w, b], max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
 
     def closure():
         optimizer.zero_grad()
-        logits = torch.sparse.mm(xt, base + w) + b
+        logits = torch.sparse.mm(xt, base_used + w) + b
         loss = torch.nn.functional.cross_entropy(logits, target) + l2 * (w.pow(2).sum() + b.pow(2).sum())
         loss.backward()
         return loss
@@ -213,7 +219,8 @@ def fit_residual(x, y: np.ndarray, k: int, l2: float, d2_col: int, steps: int = 
     seen = np.bincount(y, minlength=k) > 0
     intercept = b.detach().numpy().astype(np.float32)
     intercept[~seen] = -30.0  # a cluster without training documents is never chosen
-    return (base + w).detach().numpy().T.astype(np.float32), intercept
+    base[used] += w.detach().numpy()
+    return base.T.copy(), intercept
 
 
 def _agreement(predicted: np.ndarray, labels: np.ndarray, lengths: np.ndarray) -> dict:

@@ -141,6 +141,6 @@ def test_npy_reads_from_many_threads_never_hit_the_ast_race(tmp_path):
     path = tmp_path / "a.npy"
     np.save(path, np.arange(4))
     if sys.version_info[:2] == (3, 11):  # the Python CI runs: the stress reproduces the race with plain np.load
-        assert _errors_loading_from_threads(np.load, path)
+        assert any(_errors_loading_from_threads(np.load, path) for _ in range(5))  # mostly on the first try
     assert _errors_loading_from_threads(load_npy, path) == []
     np.testing.assert_array_equal(load_npy(path), np.arange(4))
