@@ -1,9 +1,9 @@
 """One `Ensemble` shared by 8-16 threads: first use, the LRU bound and reload() are safe, and every greedy
 answer equals the same call made alone."""
-import gc
+import subprocess
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +12,7 @@ from ensemble import Ensemble
 from experts.models import load_causal_lm
 from ground.arrays import load_npy
 
+ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["Bread dough should rise", "The goalkeeper saved", "The telescope showed", "Knead the dough",
            "The striker scored", "Stars and galaxies", "Roast the vegetables", "The referee"]
 
@@ -100,39 +101,12 @@ def test_an_ensemble_keeps_the_experts_it_loaded_until_reload(built_run, tmp_pat
     np.testing.assert_array_equal(untouched.score(text, experts=[2], top_k=1)[0], new)
 
 
-class _Finalised:
-    def __del__(self):
-        sum(range(50))  # Python code run by the garbage collector: a point where another thread can take over
-
-
-def _errors_loading_from_threads(load, path, threads=8, rounds=1000) -> list[SystemError]:
-    """The SystemErrors of ``load(path)`` called ``rounds`` times from each of ``threads`` threads, with the
-    interpreter switching threads every microsecond and the collector running finalizers mid-parse."""
-    errors = []
-
-    def work():
-        for _ in range(rounds):
-            cycle = [_Finalised()]
-            cycle.append(cycle)
-            try:
-                load(path)
-            except SystemError as exc:
-                errors.append(exc)
-                return
-
-    interval, threshold = sys.getswitchinterval(), gc.get_threshold()
-    sys.setswitchinterval(1e-6)
-    gc.set_threshold(5, 1, 1)
-    try:
-        workers = [threading.Thread(target=work) for _ in range(threads)]
-        for t in workers:
-            t.start()
-        for t in workers:
-            t.join()
-    finally:
-        sys.setswitchinterval(interval)
-        gc.set_threshold(*threshold)
-    return errors
+def _failed_threads(loader: str, path) -> int:
+    """How many of 8 threads hit the AST race reading ``path`` with ``loader`` (tests/trust/npy_stress.py), in a
+    new interpreter: the race needs a finalizer to run mid-parse, which this process's own state can make rare."""
+    out = subprocess.run([sys.executable, "-m", "tests.trust.npy_stress", loader, str(path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120, check=True)
+    return int(out.stdout)
 
 
 def test_npy_reads_from_many_threads_never_hit_the_ast_race(tmp_path):
@@ -141,6 +115,6 @@ def test_npy_reads_from_many_threads_never_hit_the_ast_race(tmp_path):
     path = tmp_path / "a.npy"
     np.save(path, np.arange(4))
     if sys.version_info[:2] == (3, 11):  # the Python CI runs: the stress reproduces the race with plain np.load
-        assert any(_errors_loading_from_threads(np.load, path) for _ in range(5))  # mostly on the first try
-    assert _errors_loading_from_threads(load_npy, path) == []
+        assert any(_failed_threads("numpy", path) for _ in range(3))  # 3-6 of the 8 threads in 12 of 12 tries
+    assert _failed_threads("ground", path) == 0
     np.testing.assert_array_equal(load_npy(path), np.arange(4))
