@@ -188,8 +188,8 @@ def fit_residual(x, y: np.ndarray, k: int, l2: float, d2_col: int, steps: int = 
     """Multinomial logistic regression on top of centroid routing: logits = -d^2 / T0 + x W + b, W and b
     L2-penalised, so that with no evidence the router is the centroid router (its d^2 columns are
     ``x[:, d2_col:d2_col + k]``).
-    Full-batch L-BFGS (torch, sparse ``x``). Returns (coef float32 [k, F] with the -d^2/T0 part folded into the
-    d^2 columns, intercept float32 [k])."""
+    Full-batch L-BFGS (torch; the products with the sparse ``x`` by scipy). Returns (coef float32 [k, F] with
+    the -d^2/T0 part folded into the d^2 columns, intercept float32 [k])."""
     import torch
 
     base = np.zeros((x.shape[1], k), np.float32)
@@ -199,9 +199,7 @@ def fit_residual(x, y: np.ndarray, k: int, l2: float, d2_col: int, steps: int = 
     # rather than the 2^16 hashed columns.
     x = x.tocsc()
     used = np.flatnonzero(np.diff(x.indptr))
-    x = x[:, used].tocoo()
-    xt = torch.sparse_coo_tensor(np.vstack([x.row, x.col]), x.data, x.shape, dtype=torch.float32,
-                                 check_invariants=False).coalesce()
+    product = _sparse_product(x[:, used].astype(np.float32).tocsr())
     base_used = torch.as_tensor(base[used])
     target = torch.as_tensor(y, dtype=torch.long)
     w = torch.zeros(len(used), k, requires_grad=True)
@@ -210,7 +208,7 @@ def fit_residual(x, y: np.ndarray, k: int, l2: float, d2_col: int, steps: int = 
 
     def closure():
         optimizer.zero_grad()
-        logits = torch.sparse.mm(xt, base_used + w) + b
+        logits = product(base_used + w) + b
         loss = torch.nn.functional.cross_entropy(logits, target) + l2 * (w.pow(2).sum() + b.pow(2).sum())
         loss.backward()
         return loss
@@ -221,6 +219,26 @@ def fit_residual(x, y: np.ndarray, k: int, l2: float, d2_col: int, steps: int = 
     intercept[~seen] = -30.0  # a cluster without training documents is never chosen
     base[used] += w.detach().numpy()
     return base.T.copy(), intercept
+
+
+def _sparse_product(x):
+    """``w -> x @ w`` as a torch function of w float32 [F, k], for a fixed scipy CSR x [n, F]; its gradient is
+    x^T @ grad. Both products are scipy's: forward and backward together ~9x faster than torch.sparse.mm's
+    (7 ms against 64 ms at 1,532 prefixes and 1.2M non-zeros)."""
+    import torch
+
+    x_t = x.T.tocsr()
+
+    class Product(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, w):
+            return torch.from_numpy(np.asarray(x @ w.detach().numpy(), dtype=np.float32))
+
+        @staticmethod
+        def backward(ctx, grad):
+            return torch.from_numpy(np.asarray(x_t @ grad.detach().numpy(), dtype=np.float32))
+
+    return Product.apply
 
 
 def _agreement(predicted: np.ndarray, labels: np.ndarray, lengths: np.ndarray) -> dict:
