@@ -61,3 +61,50 @@ def test_prior_prefers_the_largest_clusters():
     ids, w = prior_weights(np.array([10, 30, 20]), 2)
     assert ids.tolist() == [[1, 2]]
     np.testing.assert_allclose(w, [[0.6, 0.4]])
+
+
+def _dense_fit(x: np.ndarray, y: np.ndarray, k: int, l2: float, d2_col: int, steps: int = 60):
+    """The prefix router's residual fit written plainly: dense x, every column, torch autograd throughout."""
+    import torch
+
+    from ensemble.prefix_router import CENTROID_T
+
+    xt = torch.as_tensor(x, dtype=torch.float32)
+    base = torch.zeros(x.shape[1], k)
+    base[d2_col:d2_col + k] = torch.eye(k) / CENTROID_T
+    w = torch.zeros(x.shape[1], k, requires_grad=True)
+    b = torch.zeros(k, requires_grad=True)
+    optimizer = torch.optim.LBFGS([w, b], max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
+    target = torch.as_tensor(y)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(xt @ (base + w) + b, target) + l2 * (w.pow(2).sum() + b.pow(2).sum())
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return (base + w).detach().numpy().T, b.detach().numpy()
+
+
+def test_the_sparse_residual_fit_finds_the_plain_dense_fits_optimum():
+    """fit_residual skips the columns no prefix uses and takes its sparse products from scipy: the same router."""
+    import scipy.sparse as sp
+
+    from ensemble.prefix_router import fit_residual
+
+    rng = np.random.default_rng(0)
+    n, k, d2_col = 300, 4, 8
+    dense = rng.normal(size=(n, d2_col + k)).astype(np.float32)
+    hashed = sp.random(n, 400, density=0.002, random_state=1, dtype=np.float32)  # many columns all zero
+    x = sp.hstack([sp.csr_matrix(dense), hashed]).tocsr()
+    y = rng.integers(0, k, n)
+    unused = d2_col + k + np.flatnonzero(np.diff(hashed.tocsc().indptr) == 0)
+    assert len(unused) > 100
+    for l2 in (1e-3, 1e-1):
+        coef, intercept = fit_residual(x, y, k, l2, d2_col)
+        want_coef, want_intercept = _dense_fit(x.toarray(), y, k, l2, d2_col)
+        assert coef.shape == (k, x.shape[1]) and coef.dtype == np.float32
+        np.testing.assert_allclose(coef, want_coef, atol=2e-3)
+        np.testing.assert_allclose(intercept, want_intercept, atol=2e-3)
+        assert not coef[:, unused].any()  # a column without data keeps its start
