@@ -143,8 +143,8 @@ def fit_prefix_router(corpus_path: Path, assignments_path: Path, centroids: np.n
     h_x = prefix_features(h_vectors, centroids, h_ids, ngrams.cross_fitted(h_ids, h_folds))
     d2_col = h_vectors.shape[1]
     fits = []
-    for l2 in L2_GRID:  # the penalty that predicts held-out prefixes best (calibrated log-likelihood)
-        coef, intercept = fit_residual(x, y, k, l2, d2_col)
+    # The penalty that predicts held-out prefixes best (calibrated log-likelihood) is kept.
+    for l2, (coef, intercept) in zip(L2_GRID, fit_residual(x, y, k, L2_GRID, d2_col)):
         raw = _raw_logits(h_x, coef, intercept)
         tau, nll = _calibrate(raw, hy)
         fits.append((nll, l2, coef, intercept, raw, tau))
@@ -184,12 +184,13 @@ def _write_router(out_dir: Path, coef: np.ndarray, intercept: np.ndarray, ngram:
     return info
 
 
-def fit_residual(x, y: np.ndarray, k: int, l2: float, d2_col: int, steps: int = 60) -> tuple[np.ndarray, np.ndarray]:
+def fit_residual(x, y: np.ndarray, k: int, penalties, d2_col: int,
+                 steps: int = 60) -> list[tuple[np.ndarray, np.ndarray]]:
     """Multinomial logistic regression on top of centroid routing: logits = -d^2 / T0 + x W + b, W and b
     L2-penalised, so that with no evidence the router is the centroid router (its d^2 columns are
-    ``x[:, d2_col:d2_col + k]``).
-    Full-batch L-BFGS (torch; the products with the sparse ``x`` by scipy). Returns (coef float32 [k, F] with
-    the -d^2/T0 part folded into the d^2 columns, intercept float32 [k])."""
+    ``x[:, d2_col:d2_col + k]``). One fit per penalty in ``penalties``, the sparse products prepared once.
+    Full-batch L-BFGS (torch; the products with the sparse ``x`` by scipy). Returns, per penalty, (coef float32
+    [k, F] with the -d^2/T0 part folded into the d^2 columns, intercept float32 [k])."""
     import torch
 
     base = np.zeros((x.shape[1], k), np.float32)
@@ -202,7 +203,22 @@ def fit_residual(x, y: np.ndarray, k: int, l2: float, d2_col: int, steps: int = 
     product = _sparse_product(x[:, used].astype(np.float32).tocsr())
     base_used = torch.as_tensor(base[used])
     target = torch.as_tensor(y, dtype=torch.long)
-    w = torch.zeros(len(used), k, requires_grad=True)
+    seen = np.bincount(y, minlength=k) > 0
+    out = []
+    for l2 in penalties:
+        w, b = _lbfgs(product, base_used, target, k, l2, steps)
+        coef = base.copy()
+        coef[used] += w
+        b[~seen] = -30.0  # a cluster without training documents is never chosen
+        out.append((coef.T.copy(), b))
+    return out
+
+
+def _lbfgs(product, base_used, target, k: int, l2: float, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """(w float32 [F_used, k], b float32 [k]) minimising cross-entropy(product(base + w) + b) + l2 |w, b|^2."""
+    import torch
+
+    w = torch.zeros(base_used.shape[0], k, requires_grad=True)
     b = torch.zeros(k, requires_grad=True)
     optimizer = torch.optim.LBFGS([w, b], max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
 
@@ -214,11 +230,7 @@ def fit_residual(x, y: np.ndarray, k: int, l2: float, d2_col: int, steps: int = 
         return loss
 
     optimizer.step(closure)
-    seen = np.bincount(y, minlength=k) > 0
-    intercept = b.detach().numpy().astype(np.float32)
-    intercept[~seen] = -30.0  # a cluster without training documents is never chosen
-    base[used] += w.detach().numpy()
-    return base.T.copy(), intercept
+    return w.detach().numpy(), b.detach().numpy().astype(np.float32)
 
 
 def _sparse_product(x):

@@ -101,8 +101,7 @@ def test_the_sparse_residual_fit_finds_the_plain_dense_fits_optimum():
     y = rng.integers(0, k, n)
     unused = d2_col + k + np.flatnonzero(np.diff(hashed.tocsc().indptr) == 0)
     assert len(unused) > 100
-    for l2 in (1e-3, 1e-1):
-        coef, intercept = fit_residual(x, y, k, l2, d2_col)
+    for l2, (coef, intercept) in zip((1e-3, 1e-1), fit_residual(x, y, k, (1e-3, 1e-1), d2_col)):
         want_coef, want_intercept = _dense_fit(x.toarray(), y, k, l2, d2_col)
         assert coef.shape == (k, x.shape[1]) and coef.dtype == np.float32
         np.testing.assert_allclose(coef, want_coef, atol=2e-3)
