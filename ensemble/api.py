@@ -132,7 +132,11 @@ class Ensemble:
         if self._router_kind and self._router_kind != config.router:  # the run's temperature is the other's
             config = dataclasses.replace(config, router=self._router_kind, route_temperature=None)
             routing = {k: v for k, v in routing.items() if k != "route_temperature"}
-        centroids = load_npy(run.centroids_path).astype(np.float32)
+        try:
+            centroids = load_npy(run.centroids_path).astype(np.float32)
+        except ValueError as exc:
+            raise IncompatibleRunError(f"run {run.root}: {exc}: re-cluster it with "
+                                       f"`cbtm run --out {run.root} --force cluster`") from exc
         removed = set(manifest.removed)
         active = np.array([c for c in range(len(centroids)) if c not in removed
                            and not manifest.experts.get(str(c), {}).get("skipped")], dtype=np.int64)

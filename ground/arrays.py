@@ -18,6 +18,13 @@ _HEADER_LOCK = threading.Lock()
 
 
 def load_npy(path: Path, mmap_mode: str | None = None) -> np.ndarray:
-    """The array stored at ``path`` (never a pickle); ``mmap_mode="r"`` maps it read-only instead of reading it."""
+    """The array stored at ``path`` (never a pickle); ``mmap_mode="r"`` maps it read-only instead of reading it.
+
+    A file that is not a whole ``.npy`` array raises ValueError naming it (numpy's own message for a file without
+    the ``.npy`` header suggests loading it as a pickle; an empty one raises EOFError); a missing one, OSError.
+    """
     with _HEADER_LOCK:
-        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+        try:
+            return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+        except (ValueError, EOFError) as exc:
+            raise ValueError(f"{path} is damaged: not a complete .npy array") from exc

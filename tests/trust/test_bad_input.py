@@ -148,13 +148,17 @@ def damage(run, how):
         weights.write_bytes(bytes(data))
     elif how == "no_centroids":
         (run / "clusters" / "centroids.npy").unlink()
+    elif how == "cut_centroids":
+        centroids = run / "clusters" / "centroids.npy"
+        centroids.write_bytes(centroids.read_bytes()[:40])
     elif how == "manifest":
         (run / "manifest.json").write_text("{not json")
 
 
 @pytest.mark.parametrize("how,match", [
     ("cut_weights", "expert 1: model.safetensors is"), ("flipped_weights", "does not match the sha256"),
-    ("no_centroids", "clusters/centroids.npy is missing"), ("manifest", "manifest.json is corrupt")])
+    ("no_centroids", "clusters/centroids.npy is missing"), ("cut_centroids", "centroids.npy is damaged"),
+    ("manifest", "manifest.json is corrupt")])
 def test_a_damaged_run_says_what_is_wrong_and_how_to_repair_it(built_run, tmp_path, capsys, how, match):
     run = shutil.copytree(built_run, tmp_path / "run")
     damage(run, how)
@@ -163,6 +167,8 @@ def test_a_damaged_run_says_what_is_wrong_and_how_to_repair_it(built_run, tmp_pa
     assert len(err) == 1 and match in err[0], err
     if how.endswith("weights"):
         assert f"cbtm retrain {run} --cluster 1" in err[0]
+    if how.endswith("centroids"):
+        assert f"cbtm run --out {run} --force cluster" in err[0]
 
 
 @pytest.fixture(scope="module")
