@@ -82,6 +82,8 @@ def test_shards_are_independent_idempotent_and_honour_dtype(tmp_path):
     assert last.stat().st_mtime == 1  # finished: not recomputed
     half = EmbedConfig(kind="tfidf", tfidf_dim=8, shard_size=7, dtype="float16")
     assert np.load(embed_shard(half, corpus, tmp_path / "emb", 4, emb)).dtype == np.float16  # other dtype: redone
+    last.write_bytes(b"")  # emptied (a disk that filled up): redone, not an EOFError
+    assert np.load(embed_shard(half, corpus, tmp_path / "emb", 4, emb)).shape == (2, 8)
     with pytest.raises(ValueError, match="out of range"):
         embed_shard(cfg, corpus, tmp_path / "emb", 5, emb)
 
