@@ -39,6 +39,17 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "stacked", "sequential")
 
 
+def read_part(run: RunDir, path: Path, read):
+    """``read(path)`` for a file or directory the build writes (the tokenizer, clusters.json, the seed's config),
+    or IncompatibleRunError naming it and the command that rewrites it: the build checks each stage's files
+    and redoes a stage whose files are damaged."""
+    try:
+        return read(path)
+    except Exception as exc:  # json's ValueError, OSError, and the tokenizers library's own errors
+        raise IncompatibleRunError(f"run {run.root}: {path.relative_to(run.root)} is damaged "
+                                   f"({type(exc).__name__}): repair it with `cbtm run --out {run.root}`") from exc
+
+
 @dataclass(frozen=True)
 class RunView:
     """What one call sees of the run: a snapshot replaced as a whole by `Ensemble.reload`."""
@@ -84,7 +95,8 @@ class Ensemble:
         self._pool: ExpertPool | None = None
         self._embedder = None
         self._backend_kind = backend
-        self.tokenizer = load_tokenizer(self.run.tokenizer_dir) if self.run.tokenizer_dir.is_dir() else None
+        self.tokenizer = read_part(self.run, self.run.tokenizer_dir, load_tokenizer) \
+            if self.run.tokenizer_dir.is_dir() else None
         self.reload()
 
     @classmethod
@@ -146,7 +158,7 @@ class Ensemble:
         if missing:
             raise IncompatibleRunError(f"run {run.root} has no expert for cluster(s) {missing}: "
                                        f"train them with `cbtm retrain {run.root} --cluster N`")
-        clusters = read_clusters(run.clusters_dir)["clusters"]
+        clusters = read_part(run, run.clusters_dir / "clusters.json", lambda p: read_clusters(p.parent)["clusters"])
         sizes = {c["cluster_id"]: c.get("size_train_balanced", c["size_train"]) for c in clusters}
         top_k, temperature = resolve_routing(routing, config, len(active), *self._overrides)
         if config.router == "prefix":
@@ -167,7 +179,7 @@ class Ensemble:
         return self._embedder
 
     def _start(self, view: RunView, pins: dict) -> None:
-        seed_config = json.loads((self.run.seed_dir / "config.json").read_text())
+        seed_config = read_part(self.run, self.run.seed_dir / "config.json", lambda p: json.loads(p.read_text()))
         self.vocab_size = int(seed_config["vocab_size"])
         self.max_positions = int(seed_config.get("max_position_embeddings") or 1024)
         self._pool = ExpertPool(pins, self.device, self.max_loaded_experts, self.vocab_size)

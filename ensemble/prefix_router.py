@@ -292,7 +292,7 @@ class PrefixRouter:
                  encode: Callable[[str], list[int]], decode: Callable[[list[int]], str]):
         directory = Path(directory)
         damaged = (f"the prefix router in {directory} is missing or damaged ({{}}): rebuild it with "
-                   "`cbtm run --out RUN`")
+                   f"`cbtm run --out {directory.parent}`")  # the router directory sits in its run's root
         try:
             self.info = json.loads((directory / "settings.json").read_text())
             self.coef = load_npy(directory / "coef.npy")
@@ -301,7 +301,7 @@ class PrefixRouter:
             raise IncompatibleRunError(damaged.format(type(exc).__name__)) from exc
         if self.info.get("format") != FORMAT or self.coef.shape != (len(centroids), self.info["n_features"]):
             raise IncompatibleRunError(f"the prefix router in {directory} does not fit this run's clusters: rebuild "
-                                       "it with `cbtm run --out RUN --force cluster`")
+                                       f"it with `cbtm run --out {directory.parent} --force cluster`")
         try:
             self.ngram = read_ngram(directory, self.info, len(centroids))
         except (OSError, ValueError, KeyError) as exc:

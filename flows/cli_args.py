@@ -31,7 +31,8 @@ def _run_parser(sub) -> None:
                          description="Run the build flow: ingest, embed, cluster, train one expert per cluster, "
                          "assemble. Re-running the same command resumes and skips finished stages.")
     run.add_argument("--config", metavar="FILE", help="TOML pipeline config (sections corpus, embed, cluster, seed, "
-                     "train, ensemble); flags below override it")
+                     "train, ensemble); flags below override it (default: the config.toml of the run in "
+                     "--out when it exists, else the defaults)")
     run.add_argument("--corpus", metavar="PATH", help="JSONL(.gz)/Parquet/CSV file or a directory of them "
                      "(default: the demo corpus data/demo)")
     run.add_argument("--text-field", metavar="NAME", help="the field holding each document's text (default: text)")

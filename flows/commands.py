@@ -25,8 +25,9 @@ log = logging.getLogger("cbtm")
 
 
 def pipeline_config(args) -> PipelineConfig:
-    """The run's config from --config, the flags and --set, every value checked (before any work starts)."""
-    cfg = PipelineConfig.load(args.config) if args.config else PipelineConfig()
+    """The run's config from --config (or the run's own), the flags and --set, every value checked (before any
+    work starts)."""
+    cfg = base_config(args)
     overrides = list(args.overrides)
     if args.corpus:
         overrides.append(f"corpus.path={toml_str(args.corpus)}")
@@ -50,6 +51,19 @@ def pipeline_config(args) -> PipelineConfig:
     for device in {cfg.train.device, cfg.embed.device}:
         resolve_device(device)  # a device this machine lacks fails now, not after the embed stage
     return cfg
+
+
+def base_config(args) -> PipelineConfig:
+    """--config's file; else, when --out is an existing run, the config.toml it was built with, so that
+    `cbtm run --out RUN` resumes or repairs that run as it was set up (flags and --set still override it);
+    else the defaults."""
+    if args.config:
+        return PipelineConfig.load(args.config)
+    saved = RunDir(args.out) if args.out else None
+    if saved is not None and saved.exists() and saved.config_path.is_file():
+        log.info("settings: %s (the run's own; flags and --set override them)", saved.config_path)
+        return PipelineConfig.load(saved.config_path)
+    return PipelineConfig()
 
 
 def toml_str(value: str) -> str:

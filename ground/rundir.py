@@ -225,6 +225,12 @@ class RunDir:
     def exists(self) -> bool:
         return self.manifest_path.exists()
 
+    def _rebuild_hint(self) -> str:
+        # The manifest is what makes the other files a run (their hashes, which experts are finished); without it
+        # nothing can be trusted, so the way back is a copy of it or a new build from the run's own settings.
+        return (f"restore it from a copy, or rebuild the run in a new directory with "
+                f"`cbtm run --config {self.config_path} --out NEW_DIR`")
+
     def read_manifest(self) -> Manifest:
         if not self.manifest_path.exists():
             raise IncompatibleRunError(f"{self.root} is not a cbtm run directory (no manifest.json): build one with "
@@ -233,9 +239,9 @@ class RunDir:
             data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise IncompatibleRunError(f"{self.manifest_path} is corrupt ({type(exc).__name__}): "
-                                       "rebuild the run") from exc
+                                       f"{self._rebuild_hint()}") from exc
         if not isinstance(data, dict):
-            raise IncompatibleRunError(f"{self.manifest_path} is corrupt (not a JSON object): rebuild the run")
+            raise IncompatibleRunError(f"{self.manifest_path} is corrupt (not a JSON object): {self._rebuild_hint()}")
         return Manifest.from_json(data, self.manifest_path)
 
     def write_manifest(self, manifest: Manifest) -> None:

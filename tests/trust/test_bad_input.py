@@ -153,12 +153,21 @@ def damage(run, how):
         centroids.write_bytes(centroids.read_bytes()[:40])
     elif how == "manifest":
         (run / "manifest.json").write_text("{not json")
+    elif how == "cut_tokenizer":
+        tokenizer = run / "tokenizer" / "tokenizer.json"
+        tokenizer.write_bytes(tokenizer.read_bytes()[:100])
+    elif how in ("clusters_json", "seed_config"):
+        (run / ("clusters/clusters.json" if how == "clusters_json" else "seed/config.json")).write_text("xx{")
+    elif how == "router":
+        (run / "router" / "coef.npy").write_bytes(b"")
 
 
 @pytest.mark.parametrize("how,match", [
     ("cut_weights", "expert 1: model.safetensors is"), ("flipped_weights", "does not match the sha256"),
     ("no_centroids", "clusters/centroids.npy is missing"), ("cut_centroids", "centroids.npy is damaged"),
-    ("manifest", "manifest.json is corrupt")])
+    ("manifest", "manifest.json is corrupt"), ("cut_tokenizer", "tokenizer is damaged"),
+    ("clusters_json", "clusters/clusters.json is damaged"), ("seed_config", "seed/config.json is damaged"),
+    ("router", "the prefix router in")])
 def test_a_damaged_run_says_what_is_wrong_and_how_to_repair_it(built_run, tmp_path, capsys, how, match):
     run = shutil.copytree(built_run, tmp_path / "run")
     damage(run, how)
@@ -169,6 +178,25 @@ def test_a_damaged_run_says_what_is_wrong_and_how_to_repair_it(built_run, tmp_pa
         assert f"cbtm retrain {run} --cluster 1" in err[0]
     if how.endswith("centroids"):
         assert f"cbtm run --out {run} --force cluster" in err[0]
+    if how in ("cut_tokenizer", "clusters_json", "seed_config", "router"):
+        assert err[0].endswith(f"`cbtm run --out {run}`"), err
+    if how == "manifest":
+        assert f"`cbtm run --config {run / 'config.toml'} --out NEW_DIR`" in err[0]
+
+
+def test_the_named_repair_rewrites_the_damaged_files_and_keeps_the_experts(built_run, tmp_path, capsys):
+    run = shutil.copytree(built_run, tmp_path / "run")
+    weights = run / "experts" / "1" / "model.safetensors"
+    kept = (weights.stat().st_ino, weights.stat().st_mtime_ns)
+    for how in ("cut_tokenizer", "clusters_json", "seed_config", "router"):
+        damage(run, how)
+    argv = ["query", str(run), "The telescope showed", "--top-k", "3", "--max-new-tokens", "2"]
+    assert main(argv) == 2
+    repair = capsys.readouterr().err.strip().split("`")[-2].split()  # the command the message names
+    assert repair == ["cbtm", "run", "--out", str(run)]
+    assert main(repair[1:]) == 0
+    assert main(argv) == 0, capsys.readouterr().err
+    assert (weights.stat().st_ino, weights.stat().st_mtime_ns) == kept
 
 
 @pytest.fixture(scope="module")
