@@ -34,10 +34,10 @@ def _run_parser(sub) -> None:
                      "train, ensemble); flags below override it (default: the config.toml of the run in "
                      "--out when it exists, else the defaults)")
     run.add_argument("--corpus", metavar="PATH", help="JSONL(.gz)/Parquet/CSV file or a directory of them "
-                     "(default: the demo corpus data/demo)")
+                     "(default: the config's; else the demo corpus data/demo)")
     run.add_argument("--text-field", metavar="NAME", help="the field holding each document's text (default: text)")
-    run.add_argument("--clusters", metavar="K", help="number of clusters = experts (default: 6), or auto: "
-                     "the best silhouette among 2,4,8,16,32 (see `cbtm clusters choose-k`)")
+    run.add_argument("--clusters", metavar="K", help="number of clusters = experts (default: the config's; "
+                     "else 6), or auto: the best silhouette among 2,4,8,16,32 (see `cbtm clusters choose-k`)")
     run.add_argument("--out", metavar="DIR", help="run directory (default: runs/demo, or runs/<corpus name>)")
     run.add_argument("--until", metavar="STAGE", choices=STAGES, default="assemble",
                      help=f"stop after this stage: {', '.join(STAGES)} (default: assemble)")
