@@ -47,7 +47,19 @@ def read_part(run: RunDir, path: Path, read):
         return read(path)
     except Exception as exc:  # json's ValueError, OSError, and the tokenizers library's own errors
         raise IncompatibleRunError(f"run {run.root}: {path.relative_to(run.root)} is damaged "
-                                   f"({type(exc).__name__}): repair it with `cbtm run --out {run.root}`") from exc
+                                   f"({type(exc).__name__}): {repair_hint(run)}") from exc
+
+
+def repair_hint(run: RunDir) -> str:
+    """How to rewrite a build's damaged file: `cbtm run`, unless `cbtm add` grew the run (`cbtm run` refuses to
+    rebuild a grown run from its original corpus alone)."""
+    try:
+        grown = bool(run.read_manifest().additions)
+    except IncompatibleRunError:
+        grown = False  # the manifest's own message comes when the run is read
+    if grown:
+        return "restore it from a copy (`cbtm run` does not rebuild a run grown by `cbtm add`)"
+    return f"repair it with `cbtm run --out {run.root}`"
 
 
 @dataclass(frozen=True)

@@ -175,6 +175,16 @@ def test_a_run_embedded_by_another_embedder_version_is_refused(grown, corpora, t
     assert "another embedder version" in capsys.readouterr().err and snapshot(run_dir) == before
 
 
+def test_a_damaged_file_of_a_grown_run_is_named_without_the_rebuild_that_would_refuse(grown, tmp_path, capsys):
+    run_dir = shutil.copytree(grown[0], tmp_path / "run")
+    (run_dir / "clusters" / "clusters.json").write_text("xx{")
+    assert main(["query", str(run_dir), "Roast the vegetables", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "clusters/clusters.json is damaged" in err and "restore it from a copy" in err, err
+    assert main(["run", "--out", str(run_dir)]) == 2  # what the hint for an ungrown run would have said
+    assert "was grown by `cbtm add`" in capsys.readouterr().err
+
+
 def test_placement_rules_are_pure_and_follow_the_percentile():
     rng = np.random.default_rng(0)
     distance = rng.random(200).astype(np.float32)
