@@ -20,7 +20,7 @@ from cluster.minilm import PROGRESS_CHUNK, SentenceTransformerEmbedder
 from cluster.tfidf import TfidfEmbedder, fit_tfidf
 from ground.arrays import load_npy
 from ground.errors import UserInputError
-from ground.files import atomic_write_text
+from ground.files import atomic_write_text, read_json
 from ground.progress import progress
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def claim_embed_dir(cfg: EmbedConfig, corpus_path: Path, out_dir: Path) -> None:
                 else {}), **({"hybrid_weight": cfg.hybrid_weight} if cfg.kind == "hybrid" else {})}
     path = Path(out_dir) / "embedder.json"
     try:
-        same = json.loads(path.read_text()) == claim
+        same = read_json(path) == claim
     except (OSError, ValueError):
         same = False
     if same:
@@ -220,11 +220,11 @@ def _num_rows(corpus_path: Path) -> int:
 
 def load_embeddings(emb_dir: Path) -> tuple[list[str], np.ndarray]:
     """Return (ids, vectors float32 [n, dim]) from the shards in ``emb_dir``, in corpus order."""
-    meta = json.loads((emb_dir / "meta.json").read_text())
+    meta = read_json(emb_dir / "meta.json")
     ids: list[str] = []
     parts = []
     for shard in range(meta["n_shards"]):
-        ids += json.loads((emb_dir / f"shard-{shard:05d}.ids.json").read_text())
+        ids += read_json(emb_dir / f"shard-{shard:05d}.ids.json")
         parts.append(load_npy(emb_dir / f"shard-{shard:05d}.npy", mmap_mode="r"))
     vectors = np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, meta["dim"]), np.float32)
     return ids, vectors

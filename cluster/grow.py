@@ -26,7 +26,7 @@ from cluster.kmeans import SphericalKMeans, normalize_rows, read_clusters, squar
 from cluster.report import describe_clusters, label_summary
 from ground.arrays import load_npy
 from ground.errors import UserInputError
-from ground.files import atomic_write_text
+from ground.files import atomic_write_text, read_json
 from ground.progress import progress
 from ground.rundir import RunDir
 
@@ -185,7 +185,7 @@ def _stage_corpus(run: RunDir, added: pa.Table, out_dir: Path) -> Path:
 
 def _stage_embeddings(run: RunDir, vectors: np.ndarray, cfg: EmbedConfig, corpus: Path, out_dir: Path) -> None:
     """Old full shards linked, the last partial one rewritten with the first new rows, then new shards."""
-    meta = json.loads((run.embeddings_dir / "meta.json").read_text())
+    meta = read_json(run.embeddings_dir / "meta.json")
     size, n_old = meta["shard_size"], meta["n_docs"]
     out_dir.mkdir(parents=True, exist_ok=True)
     claim_embed_dir(cfg, corpus, out_dir)  # embedder.json for the grown corpus, written before any shard

@@ -22,7 +22,7 @@ from cluster.corpus import read_documents
 from cluster.embed import load_embeddings
 from cluster.report import describe_clusters, label_summary
 from ground.errors import UserInputError
-from ground.files import atomic_dir
+from ground.files import atomic_dir, read_json
 
 log = logging.getLogger(__name__)
 
@@ -277,4 +277,4 @@ def write_clusters(out_dir: Path, centroids: np.ndarray, ids: list[str], split: 
 
 def read_clusters(clusters_dir: Path) -> dict:
     """The ``clusters.json`` summary written by `cluster_corpus`."""
-    return json.loads((Path(clusters_dir) / "clusters.json").read_text())
+    return read_json(Path(clusters_dir) / "clusters.json")

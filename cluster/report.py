@@ -2,7 +2,6 @@
 agreement with known labels (purity, NMI, ARI), plots and the "## Clusters" section of report.md."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from cluster.embed import load_embeddings
+from ground.files import read_json
 from ground.plots import colormap, figure, save_figure
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ def write_cluster_plots(clusters_dir: Path, corpus_path: Path, embeddings_dir: P
     Always cluster_sizes.png and cluster_map.png (training documents); cluster_labels.png when
     ``label_field`` is given and clusters.json has a ``label_quality`` block.
     """
-    meta = json.loads((Path(clusters_dir) / "clusters.json").read_text())
+    meta = read_json(Path(clusters_dir) / "clusters.json")
     plots_dir = Path(plots_dir)
     out = [plot_cluster_sizes(meta["clusters"], plots_dir / PLOT_FILES["sizes"], meta.get("capacity"))]
     assign = pq.read_table(Path(clusters_dir) / "assignments.parquet", columns=["split", "cluster_id"])
@@ -224,7 +224,7 @@ def _cell(text: str) -> str:
 def clusters_table(clusters_dir: Path) -> list[dict]:
     """One row per cluster (for a Prefect table artifact): cluster, train docs (nearest / balanced), held-out
     docs, distinctive words, and the top labels when known."""
-    meta = json.loads((Path(clusters_dir) / "clusters.json").read_text())
+    meta = read_json(Path(clusters_dir) / "clusters.json")
     rows = []
     for c in meta["clusters"]:
         row = {"cluster": c["cluster_id"], "train docs": c["size_train"],
@@ -239,7 +239,7 @@ def clusters_table(clusters_dir: Path) -> list[dict]:
 def clusters_markdown(clusters_dir: Path, plots_rel: str = "plots") -> str:
     """The "## Clusters" section of report.md: table (sizes, distinctive words), label agreement, plot links
     (files named as in ``PLOT_FILES`` under ``plots_rel``) and the 3 documents nearest each centroid."""
-    meta = json.loads((Path(clusters_dir) / "clusters.json").read_text())
+    meta = read_json(Path(clusters_dir) / "clusters.json")
     rel = plots_rel.rstrip("/")
     cap = meta.get("capacity")
     lines = ["## Clusters", "",

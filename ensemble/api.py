@@ -3,7 +3,6 @@ experts), validates every call, and hands the work to the router, the decoding e
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import numbers
 import threading
@@ -33,6 +32,7 @@ from ground.arrays import load_npy
 from ground.device import resolve_device
 from ground.errors import IncompatibleRunError
 from ground.fields import finite_positive
+from ground.files import read_json
 from ground.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ class Ensemble:
         return self._embedder
 
     def _start(self, view: RunView, pins: dict) -> None:
-        seed_config = read_part(self.run, self.run.seed_dir / "config.json", lambda p: json.loads(p.read_text()))
+        seed_config = read_part(self.run, self.run.seed_dir / "config.json", read_json)
         self.vocab_size = int(seed_config["vocab_size"])
         self.max_positions = int(seed_config.get("max_position_embeddings") or 1024)
         self._pool = ExpertPool(pins, self.device, self.max_loaded_experts, self.vocab_size)

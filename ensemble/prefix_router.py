@@ -34,7 +34,7 @@ from ensemble.prefix_ngrams import MAX_DOCS as NGRAM_DOCS
 from ensemble.prefix_ngrams import NgramCounts, NgramModel, hashed_ngrams, read_ngram
 from ground.arrays import load_npy
 from ground.errors import IncompatibleRunError
-from ground.files import atomic_dir
+from ground.files import atomic_dir, read_json
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def fit_prefix_router(corpus_path: Path, assignments_path: Path, centroids: np.n
 def router_is_current(directory: Path) -> bool:
     """Whether ``directory`` holds a prefix router of this version (an older one is still read, not refitted)."""
     try:
-        info = json.loads((Path(directory) / "settings.json").read_text())
+        info = read_json(Path(directory) / "settings.json")
     except (OSError, ValueError):
         return False
     return info.get("format") == FORMAT and info.get("version") == VERSION
@@ -294,7 +294,7 @@ class PrefixRouter:
         damaged = (f"the prefix router in {directory} is missing or damaged ({{}}): rebuild it with "
                    f"`cbtm run --out {directory.parent}`")  # the router directory sits in its run's root
         try:
-            self.info = json.loads((directory / "settings.json").read_text())
+            self.info = read_json(directory / "settings.json")
             self.coef = load_npy(directory / "coef.npy")
             self.intercept = load_npy(directory / "intercept.npy")
         except (OSError, ValueError) as exc:

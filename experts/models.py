@@ -1,10 +1,10 @@
 """Loading causal LMs: `from_pretrained` under `ground.loading.model_loading` (one at a time, quietly)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ground.errors import UserInputError
+from ground.files import read_json
 from ground.loading import model_loading
 
 
@@ -27,7 +27,7 @@ def load_causal_lm(name_or_path: str | Path, **kwargs):
 def read_vocab_size(model_dir: Path) -> int:
     """``vocab_size`` from a model directory's config.json; UserInputError if it is not a model directory."""
     try:
-        return int(json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"])
+        return int(read_json(Path(model_dir) / "config.json")["vocab_size"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserInputError(f"{model_dir} is not a trained model directory (no readable config.json): "
                              "retrain from the seed instead") from exc

@@ -36,7 +36,7 @@ from flows.training import train_experts
 from flows.tuning import tune_inputs, tune_stage
 from ground.device import resolve_device
 from ground.errors import UserInputError
-from ground.files import atomic_write_text, clean_stale_temporaries
+from ground.files import atomic_write_text, clean_stale_temporaries, read_json
 from ground.progress import progress
 from ground.rundir import STAGES, Manifest, RunDir
 
@@ -175,7 +175,7 @@ def _choose_k(cfg: PipelineConfig, run: RunDir, manifest: Manifest, force: bool)
     run_stage(run, manifest, "choose_k", stage_inputs(cfg, manifest, "choose_k"),
               lambda: choose_k_task(run.embeddings_dir, run.corpus_path, cfg.cluster.auto_k, cfg.cluster.sample_size,
                                     cfg.cluster.seed, out), force=force)
-    best = json.loads((out / "choose_k.json").read_text())["best_k"]
+    best = read_json(out / "choose_k.json")["best_k"]
     log.info("  choose_k  best silhouette at k=%d (of %s)", best, cfg.cluster.auto_k)
     cfg.cluster.n_clusters = best  # recorded with the rest of the config when the build succeeds
 

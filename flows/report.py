@@ -1,7 +1,6 @@
 """`report.md` and its plots: what a person reads before trusting a run."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from cluster.report import clusters_markdown, write_cluster_plots
 from experts.train import read_metrics
 from flows.config import PipelineConfig
 from ground.errors import UserInputError
-from ground.files import atomic_write_text
+from ground.files import atomic_write_text, read_json
 from ground.plots import figure, save_figure
 from ground.rundir import Manifest, RunDir
 
@@ -89,7 +88,7 @@ def _experts_section(run: RunDir, manifest: Manifest, ids: list[int]) -> list[st
 def _router_section(run: RunDir) -> list[str]:
     """How often the prefix router picks a held-out document's own cluster from its first tokens."""
     path = run.router_dir / "settings.json"
-    info = json.loads(path.read_text()) if path.exists() else {}
+    info = read_json(path) if path.exists() else {}
     agree, centroid = info.get("heldout_top1_agreement"), info.get("heldout_top1_agreement_centroid", {})
     if not agree:
         return []
@@ -123,7 +122,7 @@ def _growth_section(manifest: Manifest) -> list[str]:
 def _harness_section(run: RunDir) -> list[str]:
     if not run.harness_path.exists():
         return []
-    result = json.loads(run.harness_path.read_text())
+    result = read_json(run.harness_path)
     shots = "default" if result.get("num_fewshot") is None else result["num_fewshot"]
     return ["", "## lm-evaluation-harness", "", f"`cbtm eval --tasks` ({shots}-shot, limit {result.get('limit')}); "
             "details in `eval/harness.json`.", "", "![harness tasks](plots/harness.png)", "", *harness_table(result)]
@@ -160,7 +159,7 @@ def _evaluation_section(run: RunDir) -> list[str]:
     path = run.eval_dir / "results.json"
     if not path.exists():
         return ["", "Held-out evaluation: run `cbtm eval` to add it here."]
-    results = json.loads(path.read_text())
+    results = read_json(path)
     temperature = results.get("route_temperature", results.get("temperature"))
     gain = dense_gain(results)
     lines = ["", "## Held-out perplexity", "", f"Route temperature {temperature}; a token's weights "

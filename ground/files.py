@@ -110,6 +110,15 @@ def clean_stale_temporaries(root: Path) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------------------- hashing
+def read_json(path: Path) -> Any:
+    """The JSON value stored at ``path``. A file that is not valid UTF-8 JSON raises ValueError naming it (json's
+    own message gives a line and column but no file); a missing one, OSError."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is damaged: not valid JSON ({type(exc).__name__})") from exc
+
+
 def hash_json(obj: Any) -> str:
     """sha256 of a JSON-serialisable object with sorted keys (stable across runs)."""
     blob = json.dumps(obj, sort_keys=True, default=str).encode()

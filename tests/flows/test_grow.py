@@ -185,6 +185,19 @@ def test_a_damaged_file_of_a_grown_run_is_named_without_the_rebuild_that_would_r
     assert "was grown by `cbtm add`" in capsys.readouterr().err
 
 
+def test_add_to_a_run_with_damaged_embedding_metadata_names_the_file_and_writes_nothing(grown, tmp_path, capsys):
+    run_dir = shutil.copytree(grown[0], tmp_path / "run")
+    (run_dir / "embeddings" / "meta.json").write_text('{"n_shards": 1, "dim":')  # cut short
+    before = snapshot(run_dir)
+    new = write_jsonl(tmp_path / "n.jsonl", [{"text": f"Roses need sun, water and rich soil; prune them in spring "
+                                              f"(note {i})."} for i in range(8)])
+    assert main(["add", str(run_dir), "--corpus", str(new)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    meta = run_dir / "embeddings" / "meta.json"
+    assert err == f"cbtm add: error: {meta} is damaged: not valid JSON (JSONDecodeError)"
+    assert snapshot(run_dir) == before
+
+
 def test_placement_rules_are_pure_and_follow_the_percentile():
     rng = np.random.default_rng(0)
     distance = rng.random(200).astype(np.float32)
