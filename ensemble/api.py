@@ -41,25 +41,13 @@ BACKENDS = ("auto", "stacked", "sequential")
 
 def read_part(run: RunDir, path: Path, read):
     """``read(path)`` for a file or directory the build writes (the tokenizer, clusters.json, the seed's config),
-    or IncompatibleRunError naming it and the command that rewrites it: the build checks each stage's files
-    and redoes a stage whose files are damaged."""
+    or IncompatibleRunError naming it and the command that rewrites it."""
     try:
         return read(path)
-    except Exception as exc:  # json's ValueError, OSError, and the tokenizers library's own errors
+    except Exception as exc:  # read_json's ValueError, OSError, and the tokenizers library's own errors
+        cause = exc.__cause__ if isinstance(exc.__cause__, ValueError) else exc  # read_json's names the JSON error
         raise IncompatibleRunError(f"run {run.root}: {path.relative_to(run.root)} is damaged "
-                                   f"({type(exc).__name__}): {repair_hint(run)}") from exc
-
-
-def repair_hint(run: RunDir) -> str:
-    """How to rewrite a build's damaged file: `cbtm run`, unless `cbtm add` grew the run (`cbtm run` refuses to
-    rebuild a grown run from its original corpus alone)."""
-    try:
-        grown = bool(run.read_manifest().additions)
-    except IncompatibleRunError:
-        grown = False  # the manifest's own message comes when the run is read
-    if grown:
-        return "restore it from a copy (`cbtm run` does not rebuild a run grown by `cbtm add`)"
-    return f"repair it with `cbtm run --out {run.root}`"
+                                   f"({type(cause).__name__}): {run.repair_hint()}") from exc
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from ensemble.prefix_ngrams import NgramCounts, NgramModel, hashed_ngrams, read_
 from ground.arrays import load_npy
 from ground.errors import IncompatibleRunError
 from ground.files import atomic_dir, read_json
+from ground.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -291,21 +292,24 @@ class PrefixRouter:
     def __init__(self, directory: Path, centroids: np.ndarray, embed: Callable[[list[str]], np.ndarray],
                  encode: Callable[[str], list[int]], decode: Callable[[list[int]], str]):
         directory = Path(directory)
-        damaged = (f"the prefix router in {directory} is missing or damaged ({{}}): rebuild it with "
-                   f"`cbtm run --out {directory.parent}`")  # the router directory sits in its run's root
+
+        def damaged(exc: Exception) -> IncompatibleRunError:  # the router directory sits in its run's root
+            return IncompatibleRunError(f"the prefix router in {directory} is missing or damaged "
+                                        f"({type(exc).__name__}): {RunDir(directory.parent).repair_hint()}")
+
         try:
             self.info = read_json(directory / "settings.json")
             self.coef = load_npy(directory / "coef.npy")
             self.intercept = load_npy(directory / "intercept.npy")
         except (OSError, ValueError) as exc:
-            raise IncompatibleRunError(damaged.format(type(exc).__name__)) from exc
+            raise damaged(exc) from exc
         if self.info.get("format") != FORMAT or self.coef.shape != (len(centroids), self.info["n_features"]):
             raise IncompatibleRunError(f"the prefix router in {directory} does not fit this run's clusters: rebuild "
                                        f"it with `cbtm run --out {directory.parent} --force cluster`")
         try:
             self.ngram = read_ngram(directory, self.info, len(centroids))
         except (OSError, ValueError, KeyError) as exc:
-            raise IncompatibleRunError(damaged.format(type(exc).__name__)) from exc
+            raise damaged(exc) from exc
         self.centroids, self.embed, self.encode, self.decode = np.asarray(centroids, np.float32), embed, encode, decode
         self.tau = float(self.info["temperature"])
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ground.errors import IncompatibleRunError, UserInputError
-from ground.files import atomic_write_text
+from ground.files import atomic_write_text, read_json
 
 FORMAT = "cbtm-run"
 SCHEMA_VERSION = 2
@@ -231,14 +231,25 @@ class RunDir:
         return (f"restore it from a copy, or rebuild the run in a new directory with "
                 f"`cbtm run --config {self.config_path} --out NEW_DIR`")
 
+    def repair_hint(self) -> str:
+        """How to rewrite a damaged file of a stage: `cbtm run`, which checks every stage's files and redoes the
+        damaged ones, unless `cbtm add` grew the run (`cbtm run` refuses to rebuild it from its first corpus)."""
+        try:
+            grown = bool(self.read_manifest().additions)
+        except IncompatibleRunError:
+            grown = False  # the manifest's own message comes when the run is read
+        if grown:
+            return "restore it from a copy (`cbtm run` does not rebuild a run grown by `cbtm add`)"
+        return f"repair it with `cbtm run --out {self.root}`"
+
     def read_manifest(self) -> Manifest:
         if not self.manifest_path.exists():
             raise IncompatibleRunError(f"{self.root} is not a cbtm run directory (no manifest.json): build one with "
                                        f"`cbtm run --out {self.root}`")
         try:
-            data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise IncompatibleRunError(f"{self.manifest_path} is corrupt ({type(exc).__name__}): "
+            data = read_json(self.manifest_path)
+        except ValueError as exc:  # read_json's, from json's JSONDecodeError or a UnicodeDecodeError
+            raise IncompatibleRunError(f"{self.manifest_path} is corrupt ({type(exc.__cause__).__name__}): "
                                        f"{self._rebuild_hint()}") from exc
         if not isinstance(data, dict):
             raise IncompatibleRunError(f"{self.manifest_path} is corrupt (not a JSON object): {self._rebuild_hint()}")
