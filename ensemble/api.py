@@ -231,10 +231,10 @@ class Ensemble:
         with self._tokenizer_lock:
             return self.tokenizer.decode(ids)
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` (no special tokens)."""
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text`` (by default without the tokenizer's special tokens)."""
         with self._tokenizer_lock:  # fast tokenizers are not safe to call from several threads at once
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
     # ------------------------------------------------------------------------------------------ routing
     def route_spec(self, top_k=None, route_temperature=None, experts=None, exclude_experts=None,
@@ -332,9 +332,12 @@ class Ensemble:
         """The routing of every scoring window of ``texts`` computed once, for several top_k / temperatures
         (`cbtm eval`, `cbtm tune-temperature`); ``vectors``: the window embeddings of another plan over the same
         texts and embedder (a run derived from this one), reused."""
+        return self.scoring_ids([self.encode(t) for t in texts], columns, vectors)
+
+    def scoring_ids(self, encoded: list[list[int]], columns=None, vectors: np.ndarray | None = None) -> "ScoringPlan":
+        """`scoring` of texts given as token ids (no leading end-of-text token): the server's echoed prompts."""
         view = self._view
         cols = np.asarray(columns if columns is not None else view.active, dtype=np.int64)
-        encoded = [self.encode(t) for t in texts]
         contexts, owners = window_contexts(encoded, view.config.route_window,
                                            lambda ids: self.engine.decode(ids, skip_special_tokens=False),
                                            getattr(view.router, "early_starts", ()))

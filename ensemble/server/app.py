@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from ensemble.routing import route_texts
+from ensemble.server.echo import echo_blocks, join_blocks, prompt_logprobs, read_prompts
 from ensemble.server.generation import (
     ChoiceText,
     build_job,
@@ -25,6 +26,7 @@ from ensemble.server.generation import (
     sse,
     usage,
 )
+from ensemble.server.info import add_model_routes
 from ensemble.server.metrics import Metrics
 from ensemble.server.protocol import (
     ApiError,
@@ -33,6 +35,7 @@ from ensemble.server.protocol import (
     RouteRequest,
     chat_prompt,
     now,
+    refuse_unimplemented,
     request_id,
 )
 from ensemble.server.scheduler import QueueFull, RouteBatcher, Scheduler
@@ -78,6 +81,7 @@ def create_app(ens, settings: ServeSettings):
     if settings.api_key:
         app.add_middleware(ApiKey, key=settings.api_key, metrics=state.metrics)
     _add_info_routes(app, state)
+    add_model_routes(app, ens, settings.model)
     _add_generation_routes(app, state)
     return app
 
@@ -123,22 +127,14 @@ def _add_error_handlers(app: FastAPI, state: ServerState) -> None:
 
 
 def _add_info_routes(app: FastAPI, state: ServerState) -> None:
-    """/health, /v1/models, /v1/route, /v1/reload and /metrics."""
-    ens, settings = state.ens, state.settings
+    """/health, /v1/route, /v1/reload and /metrics."""
+    ens = state.ens
 
     @app.get("/health")
     async def health():
         ok = state.scheduler.alive
         return JSONResponse({"status": "ok" if ok else "starting", "experts": ens.n_experts},
                             status_code=200 if ok else 503)
-
-    @app.get("/v1/models")
-    async def models():
-        experts = [{k: e[k] for k in ("cluster_id", "keywords", "size", "skipped", "removed")} for e in ens.experts]
-        return {"object": "list", "data": [{"id": settings.model, "object": "model", "created": now(),
-                                            "owned_by": "cbtm", "cbtm": {"experts": experts, "top_k": ens.top_k,
-                                                                         "route_temperature": ens.route_temperature,
-                                                                         "context_length": ens.max_positions}}]}
 
     @app.post("/v1/route")
     async def route(body: RouteRequest):
@@ -171,30 +167,40 @@ def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         _check_model(body.model, settings)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+        refuse_unimplemented(body)
+        prompts = read_prompts(ens, body.prompt)
         samplings = sampling_for(body.temperature, body.top_p, body.seed, body.stop, body.n)
-        job, prompt_tokens, n = build_job(state, prompts, body.max_tokens, samplings, body,
-                                          check_logprobs(body.logprobs, "logprobs"), None)
+        logprobs = check_logprobs(body.logprobs, "logprobs")
+        job = build_job(state, prompts, body.max_tokens, samplings, body, logprobs, body.echo)
+        n, prompt_tokens = len(samplings), prompts.n_tokens
+        heads = await _echo(state, prompts, job.spec, logprobs, n) if body.echo else None
         rid, include = request_id("cmpl"), bool((body.stream_options or {}).get("include_usage"))
+        if job.max_new_tokens == 0:  # echo alone: the prompt scored, nothing to generate
+            return _echo_only(state, job, rid, heads, prompt_tokens, n, body.stream, include)
         if body.stream:
-            return StreamingResponse(_stream(state, job, rid, "text_completion", n, prompt_tokens, include, False),
-                                     media_type="text/event-stream")
+            return StreamingResponse(_stream(state, job, rid, "text_completion", n, prompt_tokens, include, False,
+                                             heads), media_type="text/event-stream")
         texts = await _run(state, job, request, prompt_tokens)
+        heads = heads or [("", None)] * len(texts)
         return {"id": rid, "object": "text_completion", "created": now(), "model": settings.model,
-                "choices": [{"index": i, "text": t.engine.text(t.row), "logprobs": t.logprob_block(),
-                             "finish_reason": finish_reason(t.row)} for i, t in enumerate(texts)],
+                "choices": [{"index": i, "text": head + t.engine.text(t.row),
+                             "logprobs": join_blocks(block, t.logprob_block(), len(head)),
+                             "finish_reason": finish_reason(t.row)} for i, (t, (head, block)) in
+                            enumerate(zip(texts, heads))],
                 "usage": usage(prompt_tokens, job), "cbtm": routing_extension(job, n)}
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
         _check_model(body.model, settings)
+        refuse_unimplemented(body)
         if not body.messages:
             raise ApiError(400, "messages is empty: send at least one message", "messages")
-        prompt = chat_prompt(ens.tokenizer, body.messages)
+        prompts = read_prompts(ens, chat_prompt(ens.tokenizer, body.messages))
         samplings = sampling_for(body.temperature, body.top_p, body.seed, body.stop, body.n)
         top = check_logprobs(body.top_logprobs, "top_logprobs") if body.logprobs else None
-        job, prompt_tokens, n = build_job(state, [prompt], body.max_completion_tokens or body.max_tokens, samplings,
-                                          body, (top or 0) if body.logprobs else None, None)
+        job = build_job(state, prompts, body.max_completion_tokens or body.max_tokens, samplings, body,
+                        (top or 0) if body.logprobs else None)
+        n, prompt_tokens = len(samplings), prompts.n_tokens
         rid, include = request_id("chatcmpl"), bool((body.stream_options or {}).get("include_usage"))
         if body.stream:
             return StreamingResponse(_stream(state, job, rid, "chat.completion.chunk", n, prompt_tokens, include, True),
@@ -271,9 +277,38 @@ async def _run(state: ServerState, job, request, prompt_tokens: int) -> list[Cho
     return [texts.get(i) or ChoiceText(state.ens.engine, job.rows[i]) for i in range(total)]
 
 
+async def _echo(state: ServerState, prompts, spec, top_n: int | None, n: int) -> list[tuple[str, dict | None]]:
+    """Per choice (prompt i choice j is i * n + j): the echoed prompt's text and its logprobs block, scored in a
+    worker thread (as routing is) when logprobs were asked for."""
+    scored = None
+    if top_n is not None:
+        scored = await asyncio.to_thread(prompt_logprobs, state.ens, prompts.encoded, spec, top_n)
+    blocks = echo_blocks(state.ens, prompts, scored, top_n)
+    return [(text, block) for text, block in zip(prompts.texts, blocks) for _ in range(n)]
+
+
+def _echo_only(state: ServerState, job, rid: str, heads, prompt_tokens: int, n: int, stream: bool, include: bool):
+    """The answer to ``echo`` with ``max_tokens`` 0: each choice is its prompt, finished ("length")."""
+    _record(state, job, prompt_tokens, "/v1/completions")
+    choices = [{"index": i, "text": head, "logprobs": block, "finish_reason": "length"}
+               for i, (head, block) in enumerate(heads)]
+    if not stream:
+        return {"id": rid, "object": "text_completion", "created": now(), "model": state.settings.model,
+                "choices": choices, "usage": usage(prompt_tokens, job), "cbtm": routing_extension(job, n)}
+
+    def events():
+        yield sse(chunk("text_completion", rid, state.settings.model, choices))
+        if include:
+            yield sse(chunk("text_completion", rid, state.settings.model, [], usage=usage(prompt_tokens, job),
+                            cbtm=routing_extension(job, n)))
+        yield "data: [DONE]\n\n"
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
 async def _stream(state: ServerState, job, rid: str, kind: str, n: int, prompt_tokens: int, include_usage: bool,
-                  chat: bool):
-    """Server-sent events: ``data: {chunk}`` per new piece of text, then ``data: [DONE]``."""
+                  chat: bool, heads: list[tuple[str, dict | None]] | None = None):
+    """Server-sent events: ``data: {chunk}`` per new piece of text, then ``data: [DONE]``; ``heads``: each
+    choice's echoed prompt, sent first."""
     await _submit(state, job)
     model = state.settings.model
     texts: dict[int, ChoiceText] = {}
@@ -282,6 +317,9 @@ async def _stream(state: ServerState, job, rid: str, kind: str, n: int, prompt_t
         if chat:
             yield sse(chunk(kind, rid, model, [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                "finish_reason": None} for i in range(total)]))
+        if heads:
+            yield sse(chunk(kind, rid, model, [{"index": i, "text": head, "logprobs": block, "finish_reason": None}
+                                               for i, (head, block) in enumerate(heads)]))
         while done < total:
             items = [await job.events.get()]
             while not job.events.empty():  # steps that came while we wrote: one chunk for all of them

@@ -6,6 +6,7 @@ import json
 import math
 
 from ensemble.sampling import Sampling
+from ensemble.server.echo import Prompts
 from ensemble.server.protocol import ApiError, now
 from ensemble.server.scheduler import Job
 
@@ -23,8 +24,8 @@ def sampling_for(temperature, top_p, seed, stop, n: int) -> list[Sampling]:
         raise ApiError(400, f"temperature must be a number >= 0 (0: greedy), got {temperature}", "temperature")
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     try:
-        return [Sampling(temperature > 0, temperature if temperature > 0 else 1.0, top_p, seed, tuple(stops))
-                for _ in range(n)]
+        return [Sampling(temperature > 0, temperature if temperature > 0 else 1.0, top_p,
+                         None if seed is None else seed + j, tuple(stops)) for j in range(n)]
     except ValueError as exc:
         param = next((p for p in ("top_p", "seed", "stop") if str(exc).startswith(p) or p in str(exc)), None)
         raise ApiError(400, str(exc), param) from exc
@@ -36,13 +37,8 @@ def check_logprobs(value: int | None, param: str) -> int | None:
     return value
 
 
-def build_job(state, prompts: list[str], max_tokens: int | None, samplings: list[Sampling], ext, logprobs,
-              default_max: int | None) -> tuple[Job, int, int]:
-    """Check the prompts against the limits (never cut) and build the job: prompt i choice j is row i * n + j.
-    Returns (job, prompt tokens, n). ``max_tokens`` None: ``default_max``, else as many as fit."""
-    ens, settings = state.ens, state.settings
-    if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
-        raise ApiError(400, "prompt is empty: send at least one non-space character", "prompt")
+def route_spec(ens, ext):
+    """The checked routing of a request's extensions (400 naming the field)."""
     try:
         spec = ens.route_spec(ext.top_k, ext.route_temperature, ext.experts, ext.exclude_experts)
     except ValueError as exc:
@@ -51,17 +47,25 @@ def build_job(state, prompts: list[str], max_tokens: int | None, samplings: list
         raise ApiError(400, str(exc), param) from exc
     if ext.reroute_every is not None and ext.reroute_every < 1:
         raise ApiError(400, f"reroute_every must be >= 1 (tokens) or null, got {ext.reroute_every}", "reroute_every")
-    encoded = [ens.encode(p) for p in prompts]
+    return spec
+
+
+def build_job(state, prompts: Prompts, max_tokens: int | None, samplings: list[Sampling], ext, logprobs,
+              echo: bool = False) -> Job:
+    """Check the prompts against the limits (never cut) and build the job: prompt i choice j is row i * n + j.
+    ``max_tokens`` None: as many as fit; 0 only with ``echo`` (the prompt scored, nothing generated)."""
+    ens, settings = state.ens, state.settings
+    spec = route_spec(ens, ext)
     context = ens.max_positions
-    longest = max(len(ids) for ids in encoded)
+    longest = max(len(ids) for ids in prompts.encoded)
     if longest > settings.max_prompt_tokens:
         raise ApiError(400, f"the prompt has {longest} tokens; this server takes at most {settings.max_prompt_tokens}",
                        "prompt", "prompt_too_long")
     room = context - 1 - longest
     if max_tokens is None:
-        max_tokens = min(default_max or room, settings.max_tokens, room)
-    if max_tokens < 1:
-        raise ApiError(400, f"max_tokens must be >= 1, got {max_tokens}", "max_tokens")
+        max_tokens = min(settings.max_tokens, room)
+    if max_tokens < (0 if echo else 1):
+        raise ApiError(400, f"max_tokens must be >= 1 (0 only with echo), got {max_tokens}", "max_tokens")
     if max_tokens > room:
         raise ApiError(400, f"this model's context is {context} tokens: the prompt ({longest} tokens) leaves room for "
                        f"{max(room, 0)} new tokens, but max_tokens is {max_tokens}", "max_tokens",
@@ -69,10 +73,9 @@ def build_job(state, prompts: list[str], max_tokens: int | None, samplings: list
     if max_tokens > settings.max_tokens:
         raise ApiError(400, f"max_tokens is {max_tokens}; this server allows at most {settings.max_tokens}",
                        "max_tokens")
-    n = len(samplings)
-    rows = [(p, ids, s) for p, ids in zip(prompts, encoded) for s in samplings]
+    rows = [(p, ids, s) for p, ids in zip(prompts.texts, prompts.encoded) for s in samplings]
     return Job([r[0] for r in rows], [r[1] for r in rows], max_tokens, [r[2] for r in rows], spec, ext.reroute_every,
-               logprobs, asyncio.get_running_loop()), sum(len(ids) for ids in encoded), n
+               logprobs, asyncio.get_running_loop())
 
 
 class ChoiceText:

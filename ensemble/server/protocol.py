@@ -43,9 +43,21 @@ class Extensions(BaseModel):
     reroute_every: int | None = Field(None, description="re-route every N generated tokens")
 
 
-class CompletionRequest(Extensions):
+class Unimplemented(BaseModel):
+    """OpenAI fields cbtm serve does not implement, read only to refuse a value that would change the answer
+    (`refuse_unimplemented`): silently ignoring them would return something the client did not ask for."""
+
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+
+
+class CompletionRequest(Extensions, Unimplemented):
     model: str | None = None
-    prompt: Union[str, list[str]]
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
     max_tokens: int | None = 16
     temperature: float | None = 1.0
     top_p: float | None = 1.0
@@ -58,13 +70,30 @@ class CompletionRequest(Extensions):
     user: str | None = None
 
 
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: str | None = None
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: str
-    content: str
+    content: Union[str, list[ContentPart], None] = None
+
+    def text(self) -> str:
+        """The message's text: its string, its text parts joined by newlines, or "" (an assistant turn that
+        only called tools); a part that is not text is a 400 (the experts read text only)."""
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        other = next((p.type for p in self.content if p.type != "text"), None)
+        if other is not None:
+            raise ApiError(400, f"messages: a {other!r} content part cannot be read; cbtm's experts read text only",
+                           "messages")
+        return "\n".join(p.text or "" for p in self.content)
 
 
-class ChatRequest(Extensions):
+class ChatRequest(Extensions, Unimplemented):
     model: str | None = None
     messages: list[ChatMessage]
     max_tokens: int | None = None
@@ -79,10 +108,28 @@ class ChatRequest(Extensions):
     n: int = 1
     stream_options: dict | None = None
     user: str | None = None
+    tools: list | None = None
+    functions: list | None = None
+    response_format: dict | None = None
 
 
 class RouteRequest(Extensions):
     input: Union[str, list[str]]
+
+
+def refuse_unimplemented(body: BaseModel) -> None:
+    """400 for an OpenAI field whose value asks for something cbtm serve does not do (a default value passes)."""
+    asked = {"presence_penalty": bool(getattr(body, "presence_penalty", None)),
+             "frequency_penalty": bool(getattr(body, "frequency_penalty", None)),
+             "logit_bias": bool(getattr(body, "logit_bias", None)),
+             "best_of": getattr(body, "best_of", None) not in (None, 1),
+             "suffix": bool(getattr(body, "suffix", None)),
+             "tools": bool(getattr(body, "tools", None)), "functions": bool(getattr(body, "functions", None)),
+             "response_format": (getattr(body, "response_format", None) or {}).get("type", "text") != "text"}
+    name = next((k for k, v in asked.items() if v), None)
+    if name is not None:
+        raise ApiError(400, f"{name} is not supported by cbtm serve: leave it out (or send its default)", name,
+                       "unsupported_parameter")
 
 
 def request_id(kind: Literal["cmpl", "chatcmpl"]) -> str:
@@ -96,8 +143,8 @@ def now() -> int:
 def chat_prompt(tokenizer, messages: list[ChatMessage]) -> str:
     """The prompt of a chat: the tokenizer's own chat template when it has one, else `CHAT_TEMPLATE` per message
     followed by "Assistant:" (cbtm's experts are base LMs; the template only frames the text)."""
-    turns = [{"role": m.role, "content": m.content} for m in messages]
+    turns = [{"role": m.role, "content": m.text()} for m in messages]
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-    return "".join(CHAT_TEMPLATE.format(role=m.role.capitalize(), content=m.content) for m in messages) + \
+    return "".join(CHAT_TEMPLATE.format(role=t["role"].capitalize(), content=t["content"]) for t in turns) + \
         CHAT_PROMPT_END

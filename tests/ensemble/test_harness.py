@@ -133,3 +133,36 @@ def test_without_the_eval_extra_tasks_exit_2_saying_how_to_install(built_run, mo
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now raises ImportError
     assert main(["eval", str(built_run), "--tasks", "cbtm_demo_topic"]) == 2
     assert "pip install -e '.[eval]'" in capsys.readouterr().err
+
+
+def test_lm_evals_local_completions_model_scores_the_served_ensemble_as_cbtm_eval_does(ens, task_dir, tmp_path):
+    """lm-eval's own OpenAI-API model against a real `cbtm serve`: it finds the server's tokenizer endpoints, sends
+    token prompts with echo and logprobs, and its rolling log-likelihoods are those of `Ensemble.score` (on texts
+    that fit one window: a longer one lm-eval cuts into windows that the server routes apart)."""
+    import lm_eval.models.openai_completions  # noqa: F401  (registers local-completions)
+    from lm_eval.tasks import TaskManager
+
+    from tests.ensemble.test_server import Server
+
+    docs = [json.loads(line)["text"] for line in (task_dir / "demo_rolling.test.jsonl").read_text().splitlines()]
+    texts = [doc.split(". ")[0] + "." for doc in docs[:3]]  # a sentence each: shorter than the tiny context
+    assert all(len(ens.encode(t)) < ens.max_positions - 2 for t in texts)
+    (tmp_path / "short.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    yaml = (task_dir / "cbtm_demo_rolling.yaml").read_text().replace("task: cbtm_demo_rolling", "task: short_rolling")
+    (tmp_path / "short.yaml").write_text(yaml.replace(str(task_dir / "demo_rolling.test.jsonl"),
+                                                      str(tmp_path / "short.jsonl")))
+    (tmp_path / "cbtm_demo_topic.yaml").write_text((task_dir / "cbtm_demo_topic.yaml").read_text())
+    server = Server(ens)
+    try:
+        args = f"base_url={server.url}/v1/completions,model=tiny,max_length={ens.max_positions - 1}"
+        out = lm_eval.simple_evaluate(model="local-completions", model_args=args, tasks=["short_rolling", TASKS[0]],
+                                      limit=3, num_fewshot=0, task_manager=TaskManager(include_path=str(tmp_path)),
+                                      log_samples=True, bootstrap_iters=0)
+    finally:
+        server.stop()
+    served = {s["doc"]["text"]: s["resps"][0][0] for s in out["samples"]["short_rolling"]}
+    assert [served[t] for t in texts] == pytest.approx([float(np.sum(lp)) for lp in ens.score(texts)], rel=1e-4)
+    for sample in out["samples"][TASKS[0]]:
+        for (loglik, greedy), in sample["resps"]:
+            assert np.isfinite(loglik) and loglik < 0 and isinstance(greedy, bool)
+    assert 0 <= out["results"][TASKS[0]]["acc,none"] <= 1

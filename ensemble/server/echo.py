@@ -1,0 +1,114 @@
+"""Prompts as completions clients send them (text or token ids), and ``echo``: the prompt's own tokens scored.
+
+An echoed prompt's tokens are scored as `Ensemble.score` scores text (the c-BTM protocol of `cbtm eval`: each
+token's experts and weights come from the context before it), so ``echo`` with ``logprobs`` turns the server into
+a scorer: lm-evaluation-harness's ``local-completions`` model sends token ids with ``echo``, ``logprobs=1`` and
+``max_tokens=1`` and reads the prompt's log-probabilities back.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ensemble.server.protocol import ApiError
+
+
+@dataclass
+class Prompts:
+    """The prompts of one request: ``texts`` (what routing embeds), ``encoded`` (token ids, no leading
+    end-of-text token: the server puts one before every prompt) and ``lead`` (whether the client sent that
+    token itself; it is echoed back, unscored, as OpenAI leaves a prompt's first token unscored)."""
+
+    texts: list[str]
+    encoded: list[list[int]]
+    lead: list[bool]
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(ids) + lead for ids, lead in zip(self.encoded, self.lead))
+
+
+def read_prompts(ens, prompt) -> Prompts:
+    """A completions ``prompt`` (a string, strings, token ids, or lists of token ids) as `Prompts`; 400 when
+    one is empty or holds a token id outside the vocabulary."""
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
+        prompt = [prompt]
+    if not prompt or any(not isinstance(p, str) or not p.strip() for p in prompt if not isinstance(p, list)):
+        raise ApiError(400, "prompt is empty: send at least one non-space character", "prompt")
+    if all(isinstance(p, str) for p in prompt):
+        return Prompts(list(prompt), [ens.encode(p) for p in prompt], [False] * len(prompt))
+    eos, vocab = ens.tokenizer.eos_token_id, len(ens.tokenizer)
+    texts, encoded, lead = [], [], []
+    for ids in prompt:
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ApiError(400, f"prompt: token id {bad} is outside this model's vocabulary (0..{vocab - 1})",
+                           "prompt")
+        starts = bool(ids) and ids[0] == eos
+        ids = list(ids[1:] if starts else ids)
+        text = ens.engine.decode(ids)
+        if not text.strip():
+            raise ApiError(400, "prompt is empty: send token ids of at least one non-space character", "prompt")
+        texts.append(text)
+        encoded.append(ids)
+        lead.append(starts)
+    return Prompts(texts, encoded, lead)
+
+
+def prompt_logprobs(ens, encoded: list[list[int]], spec, top_n: int) -> list[tuple[list[float], list | None]]:
+    """Per prompt: the log-probability of each token (float, one per id of ``encoded[i]``) under the mixture
+    of `Ensemble.score`, and with ``top_n`` >= 1 the ``top_n`` most likely tokens at each position [(id, logprob)]
+    (from the same float32 mixture, so a token that is the argmax has exactly the top logprob)."""
+    import torch
+
+    plan = ens.scoring_ids(encoded, spec.columns)
+    weights = plan.weights(spec.top_k, spec.route_temperature)
+    eos = ens.tokenizer.eos_token_id
+    jobs, owners = [], []
+    for i, (ids, w) in enumerate(zip(encoded, weights)):
+        for expert in np.flatnonzero(w.any(axis=0)):
+            jobs.append((int(expert), [eos, *ids], len(ids)))
+            owners.append((i, int(expert)))
+    mixed: dict[int, object] = {}
+    for (i, expert), probs in zip(owners, ens.backend.tail_probs(jobs)):
+        w = torch.as_tensor(weights[i][:, expert], dtype=probs.dtype, device=probs.device)[:, None]
+        mixed[i] = w * probs if i not in mixed else mixed[i] + w * probs
+    out = []
+    for i, ids in enumerate(encoded):
+        logp = torch.log(mixed[i].float().clamp_min(1e-30))
+        chosen = logp.gather(1, torch.tensor(ids, device=logp.device)[:, None])[:, 0].tolist()
+        top = None
+        if top_n > 0:
+            values, best = torch.topk(logp, top_n, dim=-1)
+            top = [list(zip(b.tolist(), v.tolist())) for b, v in zip(best, values)]
+        out.append((chosen, top))
+    return out
+
+
+def echo_blocks(ens, prompts: Prompts, scored, top_n: int | None) -> list[dict | None]:
+    """OpenAI ``logprobs`` blocks of the echoed prompts (None per prompt when logprobs were not asked for)."""
+    if top_n is None:
+        return [None] * len(prompts.texts)
+    decode = ens.engine.decode
+    blocks = []
+    for ids, lead, (chosen, top) in zip(prompts.encoded, prompts.lead, scored):
+        tokens = [decode([t]) for t in ids]
+        tops = [{decode([t]): lp for t, lp in row} for row in top] if top is not None else None
+        if lead:
+            tokens, chosen = [decode([ens.tokenizer.eos_token_id])] + tokens, [None] + chosen
+            tops = [None] + tops if tops is not None else None
+        offsets = np.concatenate([[0], np.cumsum([len(t) for t in tokens])[:-1]]).astype(int).tolist()
+        blocks.append({"tokens": tokens, "token_logprobs": chosen, "text_offset": offsets,
+                       "top_logprobs": tops if top_n else None})
+    return blocks
+
+
+def join_blocks(head: dict | None, tail: dict | None, shift: int) -> dict | None:
+    """The echoed prompt's block followed by the completion's (whose offsets start ``shift`` characters on)."""
+    if head is None or tail is None:
+        return head or tail
+    top = None if head["top_logprobs"] is None else head["top_logprobs"] + (tail["top_logprobs"] or [])
+    return {"tokens": head["tokens"] + tail["tokens"],
+            "token_logprobs": head["token_logprobs"] + tail["token_logprobs"],
+            "text_offset": head["text_offset"] + [o + shift for o in tail["text_offset"]], "top_logprobs": top}
