@@ -59,24 +59,20 @@ def read_prompts(ens, prompt) -> Prompts:
 def prompt_logprobs(ens, encoded: list[list[int]], spec, top_n: int) -> list[tuple[list[float], list | None]]:
     """Per prompt: the log-probability of each token (float, one per id of ``encoded[i]``) under the mixture
     of `Ensemble.score`, and with ``top_n`` >= 1 the ``top_n`` most likely tokens at each position [(id, logprob)]
-    (from the same float32 mixture, so a token that is the argmax has exactly the top logprob)."""
+    (from the same float32 mixture, so a token that is the argmax has exactly the top logprob). One prompt at a
+    time: its experts' next-token probabilities (float32 [n_tokens, vocab] each) are all held at once."""
     import torch
 
     plan = ens.scoring_ids(encoded, spec.columns)
-    weights = plan.weights(spec.top_k, spec.route_temperature)
     eos = ens.tokenizer.eos_token_id
-    jobs, owners = [], []
-    for i, (ids, w) in enumerate(zip(encoded, weights)):
-        for expert in np.flatnonzero(w.any(axis=0)):
-            jobs.append((int(expert), [eos, *ids], len(ids)))
-            owners.append((i, int(expert)))
-    mixed: dict[int, object] = {}
-    for (i, expert), probs in zip(owners, ens.backend.tail_probs(jobs)):
-        w = torch.as_tensor(weights[i][:, expert], dtype=probs.dtype, device=probs.device)[:, None]
-        mixed[i] = w * probs if i not in mixed else mixed[i] + w * probs
     out = []
-    for i, ids in enumerate(encoded):
-        logp = torch.log(mixed[i].float().clamp_min(1e-30))
+    for ids, w in zip(encoded, plan.weights(spec.top_k, spec.route_temperature)):
+        experts = [int(e) for e in np.flatnonzero(w.any(axis=0))]
+        mixed = None
+        for expert, probs in zip(experts, ens.backend.tail_probs([(e, [eos, *ids], len(ids)) for e in experts])):
+            term = torch.as_tensor(w[:, expert], dtype=probs.dtype, device=probs.device)[:, None] * probs
+            mixed = term if mixed is None else mixed + term
+        logp = torch.log(mixed.float().clamp_min(1e-30))
         chosen = logp.gather(1, torch.tensor(ids, device=logp.device)[:, None])[:, 0].tolist()
         top = None
         if top_n > 0:
