@@ -1,6 +1,8 @@
 """OpenAI's fields beyond the basics, as clients send them to a real `cbtm serve` on 127.0.0.1: token prompts,
 ``echo`` (the prompt scored), ``n`` with a seed, content parts, fields cbtm does not implement, the tokenizer
-endpoints; and lm-evaluation-harness's own ``local-completions`` model scoring the served ensemble."""
+endpoints (lm-evaluation-harness's own ``local-completions`` model against a served run: test_harness.py)."""
+from concurrent.futures import ThreadPoolExecutor
+
 import httpx
 import numpy as np
 import openai
@@ -124,3 +126,18 @@ def test_models_retrieve_and_the_tokenizer_endpoints(server, ens):
     assert ids == ens.encode(PROMPTS[4])
     assert httpx.post(server.url + "/detokenize", json={"tokens": ids}).json()["prompt"] == PROMPTS[4]
     assert httpx.post(server.url + "/detokenize", json={"tokens": [-1]}).status_code == 400
+
+
+def test_echo_scoring_beside_decoding_gives_what_each_gives_alone(server):
+    """Scoring (a worker thread) and decoding (the scheduler's thread) share the experts: eight clients at once,
+    half scoring and half generating, get what each gets alone."""
+    def call(i):
+        body = ({"prompt": PROMPTS[i], "max_tokens": 0, "echo": True, "logprobs": 1} if i % 2 else
+                {"prompt": PROMPTS[i], "max_tokens": 16, "temperature": 0})
+        choice = post(server, body).json()["choices"][0]
+        return choice["logprobs"]["token_logprobs"] if i % 2 else choice["text"]
+
+    alone = [call(i) for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(call, range(8)))
+    assert together == alone
