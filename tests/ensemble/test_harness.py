@@ -135,10 +135,31 @@ def test_without_the_eval_extra_tasks_exit_2_saying_how_to_install(built_run, mo
     assert "pip install -e '.[eval]'" in capsys.readouterr().err
 
 
+GENERATE_TASK = """task: short_generate
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: "{data}"
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{text}}}}"
+doc_to_target: ""
+generation_kwargs:
+  until: ["."]
+  max_gen_toks: 12
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
 def test_lm_evals_local_completions_model_scores_the_served_ensemble_as_cbtm_eval_does(ens, task_dir, tmp_path):
     """lm-eval's own OpenAI-API model against a real `cbtm serve`: it finds the server's tokenizer endpoints, sends
     token prompts with echo and logprobs, and its rolling log-likelihoods are those of `Ensemble.score` (on texts
-    that fit one window: a longer one lm-eval cuts into windows that the server routes apart)."""
+    that fit one window: a longer one lm-eval cuts into windows that the server routes apart); its generations
+    are `Ensemble.generate`'s."""
     import lm_eval.models.openai_completions  # noqa: F401  (registers local-completions)
     from lm_eval.tasks import TaskManager
 
@@ -152,10 +173,13 @@ def test_lm_evals_local_completions_model_scores_the_served_ensemble_as_cbtm_eva
     (tmp_path / "short.yaml").write_text(yaml.replace(str(task_dir / "demo_rolling.test.jsonl"),
                                                       str(tmp_path / "short.jsonl")))
     (tmp_path / "cbtm_demo_topic.yaml").write_text((task_dir / "cbtm_demo_topic.yaml").read_text())
+    starts = [" ".join(t.split()[:6]) for t in texts]  # generate_until: each text's first words, to the next "."
+    (tmp_path / "starts.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in starts))
+    (tmp_path / "generate.yaml").write_text(GENERATE_TASK.format(data=tmp_path / "starts.jsonl"))
     server = Server(ens)
     try:
         args = f"base_url={server.url}/v1/completions,model=tiny,max_length={ens.max_positions - 1}"
-        out = lm_eval.simple_evaluate(model="local-completions", model_args=args, tasks=["short_rolling", TASKS[0]],
+        out = lm_eval.simple_evaluate(model="local-completions", model_args=args, tasks=["short_rolling", TASKS[0], "short_generate"],
                                       limit=3, num_fewshot=0, task_manager=TaskManager(include_path=str(tmp_path)),
                                       log_samples=True, bootstrap_iters=0)
     finally:
@@ -166,3 +190,6 @@ def test_lm_evals_local_completions_model_scores_the_served_ensemble_as_cbtm_eva
         for (loglik, greedy), in sample["resps"]:
             assert np.isfinite(loglik) and loglik < 0 and isinstance(greedy, bool)
     assert 0 <= out["results"][TASKS[0]]["acc,none"] <= 1
+    generated = {s["doc"]["text"]: s["resps"][0][0] for s in out["samples"]["short_generate"]}
+    assert [generated[t] for t in starts] == [ens.generate(t, max_new_tokens=12, stop=["."]) for t in starts]
+    assert any(generated.values())
