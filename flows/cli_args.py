@@ -79,6 +79,13 @@ def _query_parser(sub) -> None:
     query.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     query.add_argument("--reroute-every", metavar="N", type=int, default=None,
                        help="re-embed the growing context every N tokens and update the weights")
+    query.add_argument("--experts", metavar="IDS", default=None,
+                       help="only these cluster ids may serve, comma-separated (default: every active expert)")
+    query.add_argument("--exclude-experts", metavar="IDS", default=None,
+                       help="these cluster ids may not serve, comma-separated (a data owner opting out of one "
+                            "query; `cbtm remove` opts out for good)")
+    query.add_argument("--stop", action="append", default=None,
+                       help="end the completion before this string (repeatable)")
 
 
 def _clusters_parser(sub) -> None:

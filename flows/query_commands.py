@@ -12,14 +12,26 @@ from ground.files import atomic_write_text
 from ground.rundir import RunDir
 
 
+def cluster_ids(text: str | None, flag: str) -> list[int] | None:
+    """Comma-separated cluster ids of a flag (None when the flag is not given)."""
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise UserInputError(f"{flag} {text!r} must be comma-separated cluster ids, e.g. 0,3") from exc
+
+
 def cmd_query(args) -> int:
     ens = Ensemble.load(args.run_dir)
-    options = dict(top_k=args.top_k, route_temperature=args.route_temperature)
+    options = dict(top_k=args.top_k, route_temperature=args.route_temperature,
+                   experts=cluster_ids(args.experts, "--experts"),
+                   exclude_experts=cluster_ids(args.exclude_experts, "--exclude-experts"))
     routes = ens.route(args.prompt, **options)
     keywords = {e["cluster_id"]: e["keywords"] for e in ens.experts}
     pieces = ens.stream(args.prompt, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                         temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                        reroute_every=args.reroute_every, **options)
+                        reroute_every=args.reroute_every, stop=args.stop, **options)
     first = next(pieces, "")  # bad arguments fail here, before anything is printed
     print("Routing:")
     for cid, weight in routes:

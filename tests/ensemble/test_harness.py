@@ -179,9 +179,10 @@ def test_lm_evals_local_completions_model_scores_the_served_ensemble_as_cbtm_eva
     server = Server(ens)
     try:
         args = f"base_url={server.url}/v1/completions,model=tiny,max_length={ens.max_positions - 1}"
-        out = lm_eval.simple_evaluate(model="local-completions", model_args=args, tasks=["short_rolling", TASKS[0], "short_generate"],
-                                      limit=3, num_fewshot=0, task_manager=TaskManager(include_path=str(tmp_path)),
-                                      log_samples=True, bootstrap_iters=0)
+        out = lm_eval.simple_evaluate(model="local-completions", model_args=args,
+                                      tasks=["short_rolling", TASKS[0], "short_generate"], limit=3, num_fewshot=0,
+                                      task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True,
+                                      bootstrap_iters=0)
     finally:
         server.stop()
     served = {s["doc"]["text"]: s["resps"][0][0] for s in out["samples"]["short_rolling"]}

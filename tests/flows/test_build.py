@@ -146,6 +146,14 @@ def test_cli_query_and_eval_on_a_built_run(built_run, capsys):
     assert main(["query", str(built_run), "Bread dough should rise", "--top-k", "2", "--max-new-tokens", "5"]) == 0
     out = capsys.readouterr().out
     assert out.count("weight") == 2 and "Completion:" in out
+    ens, prompt = Ensemble.load(built_run), "Bread dough should rise"
+    routed = ens.route(prompt, top_k=1)[0][0]
+    assert main(["query", str(built_run), prompt, "--top-k", "1", "--max-new-tokens", "12", "--exclude-experts",
+                 str(routed), "--stop", "e"]) == 0  # one query opting one expert out
+    out = capsys.readouterr().out
+    other = ens.route(prompt, top_k=1, exclude_experts=[routed])[0][0]
+    assert f"cluster {other:>3}  weight 1.000" in out and f"cluster {routed:>3}" not in out
+    assert out.rstrip("\n").endswith(prompt + ens.generate(prompt, 12, top_k=1, exclude_experts=[routed], stop=["e"]))
     assert main(["eval", str(built_run), "--limit", "6"]) == 0
     results = json.loads((built_run / "eval" / "results.json").read_text())
     assert {"top-1", "top-2", "all experts", *(f"expert {i} alone" for i in range(3))} == set(results["systems"])
