@@ -82,7 +82,8 @@ def create_app(ens, settings: ServeSettings):
         app.add_middleware(ApiKey, key=settings.api_key, metrics=state.metrics)
     _add_info_routes(app, state)
     add_model_routes(app, ens, settings.model)
-    _add_generation_routes(app, state)
+    _add_completion_route(app, state)
+    _add_chat_route(app, state)
     return app
 
 
@@ -160,8 +161,8 @@ def _add_info_routes(app: FastAPI, state: ServerState) -> None:
                                  media_type="text/plain; version=0.0.4")
 
 
-def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
-    """/v1/completions and /v1/chat/completions, streamed (SSE) or whole."""
+def _add_completion_route(app: FastAPI, state: ServerState) -> None:
+    """/v1/completions, streamed (SSE) or whole; with ``echo``, the prompt (scored) first."""
     ens, settings = state.ens, state.settings
 
     @app.post("/v1/completions")
@@ -188,6 +189,11 @@ def _add_generation_routes(app: FastAPI, state: ServerState) -> None:
                              "finish_reason": finish_reason(t.row)} for i, (t, (head, block)) in
                             enumerate(zip(texts, heads))],
                 "usage": usage(prompt_tokens, job), "cbtm": routing_extension(job, n)}
+
+
+def _add_chat_route(app: FastAPI, state: ServerState) -> None:
+    """/v1/chat/completions, streamed (SSE) or whole."""
+    ens, settings = state.ens, state.settings
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
