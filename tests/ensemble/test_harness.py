@@ -178,7 +178,7 @@ def test_lm_evals_local_completions_model_scores_the_served_ensemble_as_cbtm_eva
     (tmp_path / "generate.yaml").write_text(GENERATE_TASK.format(data=tmp_path / "starts.jsonl"))
     server = Server(ens)
     try:
-        args = f"base_url={server.url}/v1/completions,model=tiny,max_length={ens.max_positions - 1}"
+        args = f"base_url={server.url}/v1/completions,model=tiny,max_length={ens.max_positions - 1},batch_size=8"
         out = lm_eval.simple_evaluate(model="local-completions", model_args=args,
                                       tasks=["short_rolling", TASKS[0], "short_generate"], limit=3, num_fewshot=0,
                                       task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True,
