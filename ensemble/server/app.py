@@ -335,19 +335,18 @@ async def _stream(state: ServerState, job, rid: str, kind: str, n: int, prompt_t
                 yield sse({"error": {"message": f"generation failed: {message}", "type": "server_error",
                                      "param": None, "code": "generation_failed"}})
                 return
-            starts, finished = {}, set()
+            touched, finished = {}, set()
             for _, payload in items:
                 for index, event in payload:
-                    text = texts.setdefault(index, ChoiceText(state.ens.engine, job.rows[index]))
-                    starts.setdefault(index, len(text.tokens))
-                    text.add(event)
+                    touched[index] = texts.setdefault(index, ChoiceText(state.ens.engine, job.rows[index]))
+                    touched[index].add(event)
                     if event.finish is not None:
                         finished.add(index)
             deltas = []
-            for index, start in starts.items():
-                piece = texts[index].piece()
-                if piece or index in finished:
-                    deltas.append(_delta(texts[index], index, piece, start, chat))
+            for index, text in touched.items():
+                piece = text.piece()
+                if piece or index in finished:  # tokens of a held-back piece go with the next chunk's
+                    deltas.append(_delta(text, index, piece, chat, len(heads[index][0]) if heads else 0))
             done += len(finished)
             if deltas:
                 yield sse(chunk(kind, rid, model, deltas))
@@ -359,15 +358,18 @@ async def _stream(state: ServerState, job, rid: str, kind: str, n: int, prompt_t
         job.cancel()  # the client went away mid-stream (or we are done): its rows leave the batch now
 
 
-def _delta(text: ChoiceText, index: int, piece: str, start: int, chat: bool) -> dict:
+def _delta(text: ChoiceText, index: int, piece: str, chat: bool, shift: int = 0) -> dict:
+    """One choice's part of a streamed chunk: its new text and the logprobs of its tokens not sent yet."""
     reason = finish_reason(text.row) if text.row.finish else None
+    start, text.logprobs_sent = text.logprobs_sent, len(text.tokens)
     if chat:
-        return {"index": index, "delta": {"content": piece} if piece else {}, "finish_reason": reason}
-    return {"index": index, "text": piece, "logprobs": text.logprob_block(start), "finish_reason": reason}
+        return {"index": index, "delta": {"content": piece} if piece else {}, "logprobs": _chat_logprobs(text, start),
+                "finish_reason": reason}
+    return {"index": index, "text": piece, "logprobs": text.logprob_block(start, shift), "finish_reason": reason}
 
 
-def _chat_logprobs(text: ChoiceText) -> dict | None:
-    block = text.logprob_block()
+def _chat_logprobs(text: ChoiceText, start: int = 0) -> dict | None:
+    block = text.logprob_block(start)
     if block is None:
         return None
     tops = block["top_logprobs"] or [None] * len(block["tokens"])

@@ -86,6 +86,7 @@ class ChoiceText:
         self.engine, self.row, self.sent = engine, row, ""
         self.holdback = max((len(s) for s in row.sampling.stop), default=1) - 1
         self.tokens: list[int] = []
+        self.logprobs_sent = 0  # tokens whose logprobs a streamed chunk has carried
         self.logprobs: list[float] = []
         self.top: list[dict] = []
 
@@ -107,10 +108,12 @@ class ChoiceText:
         return out
 
     def logprob_block(self, start: int = 0, offset: int = 0) -> dict | None:
+        """OpenAI's logprobs block of the tokens from ``start`` on; ``text_offset`` counts from the completion's
+        start (plus ``offset``: an echoed prompt's length), also in a streamed chunk that begins mid-text."""
         if self.row.logprobs is None:
             return None
         tokens = [self.engine.decode([t]) for t in self.tokens[start:]]
-        offsets, at = [], offset
+        offsets, at = [], offset + sum(len(self.engine.decode([t])) for t in self.tokens[:start])
         for t in tokens:
             offsets.append(at)
             at += len(t)

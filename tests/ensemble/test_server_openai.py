@@ -141,3 +141,24 @@ def test_echo_scoring_beside_decoding_gives_what_each_gives_alone(server):
     with ThreadPoolExecutor(8) as pool:
         together = list(pool.map(call, range(8)))
     assert together == alone
+
+
+def test_streamed_logprobs_are_the_whole_answers_in_pieces(server):
+    """A streamed completion's chunks carry its logprobs with offsets into the whole text, and a streamed chat
+    carries them too (OpenAI's logprobs.content per chunk)."""
+    client, prompt = server.client(), PROMPTS[5]
+    whole = client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0, logprobs=1)
+    chunks = [c for c in client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0,
+                                                   logprobs=1, stream=True) if c.choices and c.choices[0].logprobs]
+    assert len(chunks) > 1
+    for field in ("tokens", "token_logprobs", "text_offset"):
+        streamed = [x for c in chunks for x in getattr(c.choices[0].logprobs, field)]
+        assert streamed == getattr(whole.choices[0].logprobs, field), field
+    messages = [{"role": "user", "content": "Bread?"}]
+    plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
+                                           logprobs=True, top_logprobs=2)
+    streamed = [t for c in client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
+                                                          logprobs=True, top_logprobs=2, stream=True)
+                if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in plain.choices[0].logprobs.content]
+    assert all(len(t.top_logprobs) == 2 for t in streamed)
