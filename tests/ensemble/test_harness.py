@@ -16,16 +16,48 @@ from flows.cli import main  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
 
 TASKS = ("cbtm_demo_topic", "cbtm_demo_continuation", "cbtm_demo_rolling")
+GENERATE_TASK = """task: short_generate
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: "{data}"
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{text}}}}"
+doc_to_target: ""
+generation_kwargs:
+  until: ["."]
+  max_gen_toks: 12
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+"""
 
 
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory) -> Path:
-    """cbtm's three offline tasks over the demo corpus, written by the real builder script."""
+    """cbtm's three offline tasks over the demo corpus, written by the real builder script, and two short ones."""
     out = tmp_path_factory.mktemp("tasks")
     subprocess.run([sys.executable, str(ROOT / "bench" / "harness_data.py"), "--out", str(out), "--corpora", "",
                     "--source", f"demo={ROOT / 'data' / 'demo' / 'corpus.jsonl'}:domain", "--docs", "12",
                     "--shots", "10"], check=True, capture_output=True)
+    _write_short_tasks(out)
     return out
+
+
+def _write_short_tasks(out: Path) -> None:
+    """Two more tasks in ``out``: short_rolling (a sentence of each of the first 3 rolling documents) and
+    short_generate (their first 6 words, continued to the next "."), for lm-eval against a server."""
+    docs = [json.loads(line)["text"] for line in (out / "demo_rolling.test.jsonl").read_text().splitlines()]
+    texts = [doc.split(". ")[0] + "." for doc in docs[:3]]
+    (out / "short.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    yaml = (out / "cbtm_demo_rolling.yaml").read_text().replace("task: cbtm_demo_rolling", "task: short_rolling")
+    (out / "short.yaml").write_text(yaml.replace(str(out / "demo_rolling.test.jsonl"), str(out / "short.jsonl")))
+    starts = [" ".join(t.split()[:6]) for t in texts]
+    (out / "starts.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in starts))
+    (out / "generate.yaml").write_text(GENERATE_TASK.format(data=out / "starts.jsonl"))
 
 
 @pytest.fixture(scope="module")
@@ -135,54 +167,24 @@ def test_without_the_eval_extra_tasks_exit_2_saying_how_to_install(built_run, mo
     assert "pip install -e '.[eval]'" in capsys.readouterr().err
 
 
-GENERATE_TASK = """task: short_generate
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: "{data}"
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{text}}}}"
-doc_to_target: ""
-generation_kwargs:
-  until: ["."]
-  max_gen_toks: 12
-  do_sample: false
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-"""
-
-
-def test_lm_evals_local_completions_model_scores_the_served_ensemble_as_cbtm_eval_does(ens, task_dir, tmp_path):
+def test_lm_evals_local_completions_model_scores_the_served_ensemble_as_cbtm_eval_does(ens, task_dir, manager):
     """lm-eval's own OpenAI-API model against a real `cbtm serve`: it finds the server's tokenizer endpoints, sends
     token prompts with echo and logprobs, and its rolling log-likelihoods are those of `Ensemble.score` (on texts
     that fit one window: a longer one lm-eval cuts into windows that the server routes apart); its generations
     are `Ensemble.generate`'s."""
     import lm_eval.models.openai_completions  # noqa: F401  (registers local-completions)
-    from lm_eval.tasks import TaskManager
 
     from tests.ensemble.test_server import Server
 
-    docs = [json.loads(line)["text"] for line in (task_dir / "demo_rolling.test.jsonl").read_text().splitlines()]
-    texts = [doc.split(". ")[0] + "." for doc in docs[:3]]  # a sentence each: shorter than the tiny context
-    assert all(len(ens.encode(t)) < ens.max_positions - 2 for t in texts)
-    (tmp_path / "short.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    yaml = (task_dir / "cbtm_demo_rolling.yaml").read_text().replace("task: cbtm_demo_rolling", "task: short_rolling")
-    (tmp_path / "short.yaml").write_text(yaml.replace(str(task_dir / "demo_rolling.test.jsonl"),
-                                                      str(tmp_path / "short.jsonl")))
-    (tmp_path / "cbtm_demo_topic.yaml").write_text((task_dir / "cbtm_demo_topic.yaml").read_text())
-    starts = [" ".join(t.split()[:6]) for t in texts]  # generate_until: each text's first words, to the next "."
-    (tmp_path / "starts.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in starts))
-    (tmp_path / "generate.yaml").write_text(GENERATE_TASK.format(data=tmp_path / "starts.jsonl"))
+    texts = [json.loads(line)["text"] for line in (task_dir / "short.jsonl").read_text().splitlines()]
+    starts = [json.loads(line)["text"] for line in (task_dir / "starts.jsonl").read_text().splitlines()]
+    assert all(len(ens.encode(t)) < ens.max_positions - 2 for t in texts)  # each fits one window
     server = Server(ens)
     try:
         args = f"base_url={server.url}/v1/completions,model=tiny,max_length={ens.max_positions - 1},batch_size=8"
         out = lm_eval.simple_evaluate(model="local-completions", model_args=args,
                                       tasks=["short_rolling", TASKS[0], "short_generate"], limit=3, num_fewshot=0,
-                                      task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True,
-                                      bootstrap_iters=0)
+                                      task_manager=manager, log_samples=True, bootstrap_iters=0)
     finally:
         server.stop()
     served = {s["doc"]["text"]: s["resps"][0][0] for s in out["samples"]["short_rolling"]}
