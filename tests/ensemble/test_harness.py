@@ -62,9 +62,11 @@ def _write_short_tasks(out: Path) -> None:
 
 @pytest.fixture(scope="module")
 def manager(task_dir):
-    from lm_eval.tasks import TaskManager
+    """lm-eval's task index over ``task_dir``: the one `cbtm eval --tasks --include-path task_dir` builds and caches
+    (indexing lm-eval's built-in tasks takes seconds), so the CLI tests below reuse it."""
+    from flows.harness_eval import check_tasks
 
-    return TaskManager(include_path=str(task_dir))
+    return check_tasks([*TASKS, "short_rolling", "short_generate"], str(task_dir))
 
 
 @pytest.fixture(scope="module")
