@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from ensemble.routing import route_texts
-from ensemble.server.echo import echo_blocks, join_blocks, prompt_logprobs, read_prompts
+from ensemble.server.echo import PromptLimit, echo_blocks, join_blocks, prompt_logprobs, read_prompts
 from ensemble.server.generation import (
     ChoiceText,
     build_job,
@@ -67,6 +67,7 @@ class ServerState:
         settings.max_prompt_tokens = min(settings.max_prompt_tokens or context, context)
         settings.max_tokens = min(settings.max_tokens or context, context)
         self.ens, self.settings, self.metrics = ens, settings, Metrics()
+        self.limit = PromptLimit.of(ens, settings.max_prompt_tokens)
         self.scheduler = Scheduler(ens.engine, settings.max_batch_size, settings.max_queue, self.metrics)
         self.router = RouteBatcher(route_texts)
 
@@ -169,7 +170,7 @@ def _add_completion_route(app: FastAPI, state: ServerState) -> None:
     async def completions(body: CompletionRequest, request: Request):
         _check_model(body.model, settings)
         refuse_unimplemented(body)
-        prompts = read_prompts(ens, body.prompt)
+        prompts = read_prompts(ens, body.prompt, state.limit)
         samplings = sampling_for(body.temperature, body.top_p, body.seed, body.stop, body.n)
         logprobs = check_logprobs(body.logprobs, "logprobs")
         job = build_job(state, prompts, body.max_tokens, samplings, body, logprobs, body.echo)
@@ -201,7 +202,7 @@ def _add_chat_route(app: FastAPI, state: ServerState) -> None:
         refuse_unimplemented(body)
         if not body.messages:
             raise ApiError(400, "messages is empty: send at least one message", "messages")
-        prompts = read_prompts(ens, chat_prompt(ens.tokenizer, body.messages))
+        prompts = read_prompts(ens, chat_prompt(ens.tokenizer, body.messages), state.limit)
         samplings = sampling_for(body.temperature, body.top_p, body.seed, body.stop, body.n)
         top = check_logprobs(body.top_logprobs, "top_logprobs") if body.logprobs else None
         job = build_job(state, prompts, body.max_completion_tokens or body.max_tokens, samplings, body,

@@ -29,15 +29,41 @@ class Prompts:
         return sum(len(ids) + lead for ids, lead in zip(self.encoded, self.lead))
 
 
-def read_prompts(ens, prompt) -> Prompts:
+@dataclass(frozen=True)
+class PromptLimit:
+    """The longest prompt a server takes: ``tokens``, and ``chars``, a length in characters beyond which a text
+    certainly has more tokens (twice the tokens times the longest token's characters). A longer text is refused
+    before it is tokenized: tokenizing megabytes takes seconds, in the event loop every stream waits on."""
+
+    tokens: int
+    chars: int
+
+    @classmethod
+    def of(cls, ens, tokens: int) -> "PromptLimit":
+        longest = max(len(ens.engine.decode([i])) for i in range(len(ens.tokenizer)))
+        return cls(tokens, 2 * tokens * max(longest, 1))
+
+
+def _too_long(size: str) -> ApiError:
+    return ApiError(400, f"the prompt has {size} (`cbtm serve --max-prompt-tokens`, at most the context)", "prompt",
+                    "prompt_too_long")
+
+
+def read_prompts(ens, prompt, limit: PromptLimit) -> Prompts:
     """A completions ``prompt`` (a string, strings, token ids, or lists of token ids) as `Prompts`; 400 when
-    one is empty or holds a token id outside the vocabulary."""
+    one is empty, holds a token id outside the vocabulary, or is surely longer than ``limit`` (the exact token
+    count is checked when the job is built)."""
     if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
         prompt = [prompt]
     if not prompt or any(not isinstance(p, str) or not p.strip() for p in prompt if not isinstance(p, list)):
         raise ApiError(400, "prompt is empty: send at least one non-space character", "prompt")
+    longest = max(len(p) for p in prompt)
     if all(isinstance(p, str) for p in prompt):
+        if longest > limit.chars:
+            raise _too_long(f"{longest:,} characters, far more than the {limit.tokens} tokens this server takes")
         return Prompts(list(prompt), [ens.encode(p) for p in prompt], [False] * len(prompt))
+    if longest > limit.tokens + 1:  # + 1: a leading end-of-text token
+        raise _too_long(f"{longest} tokens; this server takes at most {limit.tokens}")
     eos, vocab = ens.tokenizer.eos_token_id, len(ens.tokenizer)
     texts, encoded, lead = [], [], []
     for ids in prompt:

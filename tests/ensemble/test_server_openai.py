@@ -162,3 +162,19 @@ def test_streamed_logprobs_are_the_whole_answers_in_pieces(server):
                 if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
     assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in plain.choices[0].logprobs.content]
     assert all(len(t.top_logprobs) == 2 for t in streamed)
+
+
+def test_a_huge_prompt_is_refused_before_it_is_tokenized(server, ens, monkeypatch):
+    """Tokenizing megabytes takes seconds in the event loop, where every stream waits: a prompt surely too long
+    is a 400 at once, by its length; one that might fit is tokenized and judged by its tokens."""
+    lengths, encode = [], ens.encode
+    monkeypatch.setattr(ens, "encode", lambda text, **kw: lengths.append(len(text)) or encode(text, **kw))
+    huge = "bread " * 200_000
+    for path, body in (("/v1/completions", {"prompt": huge}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": huge}]}),
+                       ("/v1/completions", {"prompt": [5] * 100_000})):
+        r = post(server, {**body, "max_tokens": 1}, path)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "prompt_too_long", r.text
+    assert lengths == []
+    r = post(server, {"prompt": "bread " * 200, "max_tokens": 1})  # within the length bound, over the tokens
+    assert r.status_code == 400 and r.json()["error"]["code"] == "prompt_too_long" and lengths == [1200]
