@@ -6,6 +6,8 @@ tokenizer path (its ``tokenizer_backend=auto`` checks /tokenizer_info and /token
 """
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict
 
@@ -57,7 +59,8 @@ def add_model_routes(app: FastAPI, ens, model: str) -> None:
         if (body.prompt is None) == (body.messages is None):
             raise ApiError(400, "send one of prompt (a string) or messages (a chat)", "prompt")
         text = body.prompt if body.prompt is not None else chat_prompt(ens.tokenizer, body.messages)
-        ids = ens.encode(text, add_special_tokens=body.add_special_tokens)
+        # In a worker thread: a long text takes seconds to tokenize (2.9 s for 2.9 MB), which streams must not wait on.
+        ids = await asyncio.to_thread(ens.encode, text, add_special_tokens=body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": ens.max_positions}
 
     @app.post("/detokenize")
