@@ -51,19 +51,28 @@ def _too_long(size: str) -> ApiError:
 
 def read_prompts(ens, prompt, limit: PromptLimit) -> Prompts:
     """A completions ``prompt`` (a string, strings, token ids, or lists of token ids) as `Prompts`; 400 when
-    one is empty, holds a token id outside the vocabulary, or is surely longer than ``limit`` (the exact token
-    count is checked when the job is built)."""
+    one is empty, holds a token id outside the vocabulary, or has more tokens than ``limit`` (a text surely
+    too long by its length is refused before it is tokenized)."""
     if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
         prompt = [prompt]
     if not prompt or any(not isinstance(p, str) or not p.strip() for p in prompt if not isinstance(p, list)):
         raise ApiError(400, "prompt is empty: send at least one non-space character", "prompt")
-    longest = max(len(p) for p in prompt)
     if all(isinstance(p, str) for p in prompt):
+        longest = max(len(p) for p in prompt)
         if longest > limit.chars:
             raise _too_long(f"{longest:,} characters, far more than the {limit.tokens} tokens this server takes")
-        return Prompts(list(prompt), [ens.encode(p) for p in prompt], [False] * len(prompt))
-    if longest > limit.tokens + 1:  # + 1: a leading end-of-text token
+        prompts = Prompts(list(prompt), [ens.encode(p) for p in prompt], [False] * len(prompt))
+    else:
+        prompts = _token_prompts(ens, prompt, limit)
+    longest = max(len(ids) for ids in prompts.encoded)
+    if longest > limit.tokens:
         raise _too_long(f"{longest} tokens; this server takes at most {limit.tokens}")
+    return prompts
+
+
+def _token_prompts(ens, prompt: list[list[int]], limit: PromptLimit) -> Prompts:
+    """`Prompts` of token-id lists: checked against the vocabulary and ``limit`` before they are decoded (the
+    text is what routing embeds)."""
     eos, vocab = ens.tokenizer.eos_token_id, len(ens.tokenizer)
     texts, encoded, lead = [], [], []
     for ids in prompt:
@@ -73,6 +82,8 @@ def read_prompts(ens, prompt, limit: PromptLimit) -> Prompts:
                            "prompt")
         starts = bool(ids) and ids[0] == eos
         ids = list(ids[1:] if starts else ids)
+        if len(ids) > limit.tokens:
+            raise _too_long(f"{len(ids)} tokens; this server takes at most {limit.tokens}")
         text = ens.engine.decode(ids)
         if not text.strip():
             raise ApiError(400, "prompt is empty: send token ids of at least one non-space character", "prompt")

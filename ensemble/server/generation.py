@@ -52,15 +52,13 @@ def route_spec(ens, ext):
 
 def build_job(state, prompts: Prompts, max_tokens: int | None, samplings: list[Sampling], ext, logprobs,
               echo: bool = False) -> Job:
-    """Check the prompts against the limits (never cut) and build the job: prompt i choice j is row i * n + j.
-    ``max_tokens`` None: as many as fit; 0 only with ``echo`` (the prompt scored, nothing generated)."""
+    """Check ``max_tokens`` against the room the prompts leave (never cut them) and build the job: prompt i
+    choice j is row i * n + j. ``max_tokens`` None: as many as fit; 0 only with ``echo`` (the prompt scored,
+    nothing generated)."""
     ens, settings = state.ens, state.settings
     spec = route_spec(ens, ext)
     context = ens.max_positions
-    longest = max(len(ids) for ids in prompts.encoded)
-    if longest > settings.max_prompt_tokens:
-        raise ApiError(400, f"the prompt has {longest} tokens; this server takes at most {settings.max_prompt_tokens}",
-                       "prompt", "prompt_too_long")
+    longest = max(len(ids) for ids in prompts.encoded)  # within max_prompt_tokens: `read_prompts` checked it
     room = context - 1 - longest
     if max_tokens is None:
         max_tokens = min(settings.max_tokens, room)
@@ -86,6 +84,7 @@ class ChoiceText:
         self.engine, self.row, self.sent = engine, row, ""
         self.holdback = max((len(s) for s in row.sampling.stop), default=1) - 1
         self.tokens: list[int] = []
+        self.pieces: list[str] = []  # each token decoded alone, when logprobs are asked for
         self.logprobs_sent = 0  # tokens whose logprobs a streamed chunk has carried
         self.logprobs: list[float] = []
         self.top: list[dict] = []
@@ -93,6 +92,8 @@ class ChoiceText:
     def add(self, event) -> None:
         if event.token is not None:
             self.tokens.append(event.token)
+            if self.row.logprobs is not None:
+                self.pieces.append(self.engine.decode([event.token]))
             if event.logprob is not None:
                 self.logprobs.append(event.logprob)
             if event.top is not None:
@@ -112,8 +113,8 @@ class ChoiceText:
         start (plus ``offset``: an echoed prompt's length), also in a streamed chunk that begins mid-text."""
         if self.row.logprobs is None:
             return None
-        tokens = [self.engine.decode([t]) for t in self.tokens[start:]]
-        offsets, at = [], offset + sum(len(self.engine.decode([t])) for t in self.tokens[:start])
+        tokens = self.pieces[start:]  # decoded as they came, not again for every streamed chunk
+        offsets, at = [], offset + sum(len(t) for t in self.pieces[:start])
         for t in tokens:
             offsets.append(at)
             at += len(t)
