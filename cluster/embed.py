@@ -162,7 +162,7 @@ def encode_length_sorted(embedder: Embedder, texts: list[str],
     """Encode longest-first (token counts where the embedder gives them, else characters) in chunks of whole
     batches, so every batch pads little; return float32 [n, dim] in input order."""
     if hasattr(embedder, "sort_keys"):
-        keys, texts = embedder.sort_keys(texts)
+        keys = embedder.sort_keys(texts)
     else:
         keys = np.array([len(t) for t in texts])
     order = np.argsort(-keys, kind="stable")

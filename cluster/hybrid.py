@@ -31,11 +31,11 @@ class HybridEmbedder:
         b = _unit(self.tfidf.encode(texts))
         return np.concatenate([np.sqrt(self.weight) * a, np.sqrt(1.0 - self.weight) * b], axis=1).astype(np.float32)
 
-    def sort_keys(self, texts: list[str]):
-        """Length keys of the sentence embedder (the costly part), for `encode_length_sorted`."""
+    def sort_keys(self, texts: list[str]) -> np.ndarray:
+        """Length keys int [n] of the sentence embedder (the costly part), for `encode_length_sorted`."""
         if hasattr(self.sentence, "sort_keys"):
             return self.sentence.sort_keys(texts)
-        return np.array([len(t) for t in texts]), texts
+        return np.array([len(t) for t in texts])
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -97,30 +97,32 @@ class SentenceTransformerEmbedder:
                        else self.model.get_sentence_embedding_dimension())
 
     def encode(self, texts: list[str], show_progress: bool = False) -> np.ndarray:
-        """Return float32 [len(texts), dim], unit-norm rows. `encode` sorts by length into batches itself."""
-        vectors = self.model.encode(list(texts), batch_size=self.batch_size, convert_to_numpy=True,
+        """Return float32 [len(texts), dim], unit-norm rows. `encode` sorts by length into batches itself.
+
+        A text longer than CHARS_PER_TOKEN * max_seq_length characters is first cut at a whitespace when the
+        cut keeps at least max_seq_length words: the model truncates it to the same tokens, with less
+        tokenizing. (Done here, not by the caller, so that a text embeds the same whatever the code path.)"""
+        limit = int(self.model.max_seq_length)
+        clipped = [_clip(t, CHARS_PER_TOKEN * limit, limit) for t in texts]
+        vectors = self.model.encode(clipped, batch_size=self.batch_size, convert_to_numpy=True,
                                     normalize_embeddings=True, show_progress_bar=show_progress)
         return np.asarray(vectors, dtype=np.float32).reshape(len(texts), self.dim)
 
-    def sort_keys(self, texts: list[str]) -> tuple[np.ndarray, list[str]]:
-        """(sort keys, int [n]; the texts to encode, same order) for `encode_length_sorted`.
-
-        A text longer than CHARS_PER_TOKEN * max_seq_length characters is cut at a whitespace when the
-        prefix holds at least max_seq_length words: it truncates to the same tokens, with less tokenizing.
-        Keys are token counts (capped at max_seq_length) on CPU, where padding costs more than tokenizing
-        twice; character counts on a GPU, where tokenizing is the bottleneck.
-        """
+    def sort_keys(self, texts: list[str]) -> np.ndarray:
+        """Sort keys int [n] for `encode_length_sorted`: token counts (capped at max_seq_length) on CPU, where
+        padding costs more than tokenizing twice; character counts on a GPU, where tokenizing is the bottleneck
+        (of the texts as `encode` clips them)."""
         limit = int(self.model.max_seq_length)
         clipped = [_clip(t, CHARS_PER_TOKEN * limit, limit) for t in texts]
         tokenizer = getattr(self.model, "tokenizer", None)
         if self.device != "cpu" or tokenizer is None:
-            return np.array([len(t) for t in clipped], np.int64), clipped
+            return np.array([len(t) for t in clipped], np.int64)
         lengths = np.zeros(len(texts), np.int64)
         for i in range(0, len(texts), 1024):  # in slices: bounded memory for the token ids
             lengths[i:i + 1024] = tokenizer(clipped[i:i + 1024], truncation=True, max_length=limit,
                                             return_length=True, return_attention_mask=False,
                                             return_token_type_ids=False)["length"]
-        return lengths, [c if n >= limit else t for t, c, n in zip(texts, clipped, lengths)]
+        return lengths
 
 
 def _clip(text: str, cut: int, min_words: int) -> str:

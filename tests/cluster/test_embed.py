@@ -18,7 +18,9 @@ from cluster.embed import (
     plan_shards,
     stage_embedder,
 )
+from cluster.hybrid import HybridEmbedder
 from cluster.minilm import SentenceTransformerEmbedder
+from cluster.tfidf import TfidfEmbedder
 from ground.errors import UserInputError
 from tests.conftest import DEMO, ROOT, demo_records, write_jsonl
 
@@ -64,9 +66,30 @@ def test_length_sorted_encoding_keeps_input_order_and_clipping_changes_nothing(e
     records = demo_records(3)
     long_text = " ".join(r["text"] for r in records)  # > 2,048 characters: clipped before tokenizing
     texts = [r["text"][: 40 + 37 * i] for i, r in enumerate(records)] + [long_text]
-    keys, clipped = embedder.sort_keys(texts)
-    assert keys[-1] == 256 and len(clipped[-1]) < len(long_text) and clipped[:-1] == texts[:-1]
+    assert embedder.sort_keys(texts)[-1] == 256
     np.testing.assert_allclose(encode_length_sorted(embedder, texts), embedder.encode(texts), atol=1e-5)
+    whole = embedder.model.encode([long_text], normalize_embeddings=True)  # no clipping: the same tokens
+    np.testing.assert_allclose(embedder.encode([long_text]), whole, atol=1e-5)
+
+
+def test_the_hybrid_tfidf_block_reads_the_whole_of_a_long_document(embedder):
+    """MiniLM reads 256 tokens, so the sentence embedder clips a long text before tokenizing; the tf-idf block
+    must still see every word (the embed stage once handed it the clipped text: the words past ~2,048
+    characters were lost, unlike in bench/clusters.py and in routing)."""
+    records = demo_records(20)
+    tfidf = TfidfEmbedder.fit([r["text"] for r in records], 8)
+    hybrid = HybridEmbedder(embedder, tfidf, 0.55)
+    head = " ".join(r["text"] for r in records if r["domain"] == records[0]["domain"])
+    tail = " ".join(r["text"] for r in records if r["domain"] != records[0]["domain"])
+    long_text = (head + " ") * (1 + 2400 // len(head)) + tail  # its other domains start past the clip
+    texts = [records[1]["text"], long_text]
+    staged = encode_length_sorted(hybrid, texts)  # the embed stage's and `cbtm add`'s path
+    np.testing.assert_allclose(staged, hybrid.encode(texts), atol=1e-5)  # routing's path
+    whole = tfidf.encode([long_text])[0]
+    block = staged[1, embedder.dim:] / np.sqrt(1 - 0.55)
+    np.testing.assert_allclose(block, whole / np.linalg.norm(whole), atol=1e-5)
+    cut = tfidf.encode([long_text[:2048]])[0]
+    assert block @ (cut / np.linalg.norm(cut)) < 0.99  # the tail's words matter: the test would see them lost
 
 
 def test_shards_are_independent_idempotent_and_honour_dtype(tmp_path):
