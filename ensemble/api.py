@@ -23,7 +23,7 @@ from ensemble.prefix_router import PrefixRouter
 from ensemble.router import prior_weights
 from ensemble.routing import CentroidRouter, LockedEmbedder, RouteSpec, route_texts
 from ensemble.sampling import Sampling
-from ensemble.scoring import experts_logprobs, mix, window_contexts, window_weights
+from ensemble.scoring import context_vectors, experts_logprobs, mix, window_contexts, window_weights
 from ensemble.sequential import SequentialBackend
 from ensemble.stacked import Shape, unstackable_reason
 from ensemble.stacked_backend import StackedBackend
@@ -328,13 +328,16 @@ class Ensemble:
         logps = np.concatenate(self.score(texts, top_k, route_temperature, experts, exclude_experts))
         return float(np.exp(-logps.mean()))
 
-    def scoring(self, texts: list[str], columns=None, vectors: np.ndarray | None = None) -> "ScoringPlan":
+    def scoring(self, texts: list[str], columns=None, vectors: np.ndarray | None = None,
+                on_progress=None) -> "ScoringPlan":
         """The routing of every scoring window of ``texts`` computed once, for several top_k / temperatures
         (`cbtm eval`, `cbtm tune-temperature`); ``vectors``: the window embeddings of another plan over the same
-        texts and embedder (a run derived from this one), reused."""
-        return self.scoring_ids([self.encode(t) for t in texts], columns, vectors)
+        texts and embedder (a run derived from this one), reused; ``on_progress(done, total)``: called as the
+        windows' contexts are embedded (a progress bar's update)."""
+        return self.scoring_ids([self.encode(t) for t in texts], columns, vectors, on_progress)
 
-    def scoring_ids(self, encoded: list[list[int]], columns=None, vectors: np.ndarray | None = None) -> "ScoringPlan":
+    def scoring_ids(self, encoded: list[list[int]], columns=None, vectors: np.ndarray | None = None,
+                    on_progress=None) -> "ScoringPlan":
         """`scoring` of texts given as token ids (no leading end-of-text token): the server's echoed prompts."""
         view = self._view
         cols = np.asarray(columns if columns is not None else view.active, dtype=np.int64)
@@ -342,7 +345,7 @@ class Ensemble:
                                            lambda ids: self.engine.decode(ids, skip_special_tokens=False),
                                            getattr(view.router, "early_starts", ()))
         if vectors is None or vectors.shape[0] != len(contexts) or view.router.kind != "centroid":
-            vectors = view.router.vectors(contexts) if contexts else None
+            vectors = context_vectors(view.router, contexts, on_progress) if contexts else None
         return ScoringPlan(self, view, encoded, owners, vectors, cols)
 
     def prior(self, columns) -> tuple[np.ndarray, np.ndarray]:

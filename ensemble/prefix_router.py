@@ -159,8 +159,7 @@ def fit_prefix_router(corpus_path: Path, assignments_path: Path, centroids: np.n
             "heldout_top1_agreement": _agreement(raw.argmax(1), hy, lengths),
             "heldout_top1_agreement_centroid": _agreement(nearest, hy, lengths)}
     info = _write_router(out_dir, coef, intercept, ngrams.full(), info)
-    log.info("router: prefix router on %d prefixes, temperature %.3f, held-out top-1 agreement %s (centroid %s)",
-             len(x_ids), tau, info["heldout_top1_agreement"], info["heldout_top1_agreement_centroid"])
+    _log_fit(info)
     return info
 
 
@@ -252,6 +251,16 @@ def _sparse_product(x):
             return torch.from_numpy(np.asarray(x_t @ grad.detach().numpy(), dtype=np.float32))
 
     return Product.apply
+
+
+def _log_fit(info: dict) -> None:
+    """One log line: the fitted router's held-out agreement per prefix length beside centroid routing's."""
+    def row(agreement: dict) -> str:
+        return "/".join(f"{agreement[str(n)]:.2f}" if str(n) in agreement else "-" for n in PREFIX_LENGTHS)
+
+    log.info("router: prefix router on %d prefixes, temperature %.3f; held-out top-1 agreement at %s tokens: %s "
+             "(centroid routing %s)", info["train_prefixes"], info["temperature"], "/".join(map(str, PREFIX_LENGTHS)),
+             row(info["heldout_top1_agreement"]), row(info["heldout_top1_agreement_centroid"]))
 
 
 def _agreement(predicted: np.ndarray, labels: np.ndarray, lengths: np.ndarray) -> dict:

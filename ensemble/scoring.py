@@ -16,6 +16,7 @@ import numpy as np
 from ensemble.router import top_k_softmax
 
 ROUTE_CONTEXT_TOKENS = 256  # at most this many preceding tokens are embedded to route a window
+VECTOR_CHUNK = 256  # contexts embedded per call when progress is reported
 
 
 def window_starts(n_tokens: int, window: int, early: tuple[int, ...] = ()) -> list[int]:
@@ -36,6 +37,24 @@ def window_contexts(encoded: list[list[int]], window: int, decode: Callable[[lis
             contexts.append(decode(ids[max(0, start - ROUTE_CONTEXT_TOKENS):start]))
             owners.append((ti, start, end))
     return contexts, owners
+
+
+def context_vectors(router, contexts: list[str], on_progress: Callable[[int, int], object] | None = None):
+    """``router.vectors(contexts)`` (float32 [n, d], or CSR [n, F] for the prefix router); with
+    ``on_progress(done, total)``, in chunks of VECTOR_CHUNK contexts, reported after each (embedding the
+    contexts is most of a scoring pass: minutes for a few hundred documents on a CPU)."""
+    if on_progress is None:
+        return router.vectors(contexts)
+    on_progress(0, len(contexts))
+    parts = []
+    for lo in range(0, len(contexts), VECTOR_CHUNK):
+        parts.append(router.vectors(contexts[lo:lo + VECTOR_CHUNK]))
+        on_progress(min(lo + VECTOR_CHUNK, len(contexts)), len(contexts))
+    if hasattr(parts[0], "tocsr"):
+        from scipy.sparse import vstack
+
+        return vstack(parts, format="csr")
+    return np.concatenate(parts)
 
 
 def window_weights(lengths: list[int], n_clusters: int, owners: list[tuple[int, int, int]],

@@ -12,6 +12,7 @@ from ensemble.scoring import mix
 from ground.errors import UserInputError
 from ground.files import atomic_write_text
 from ground.plots import figure, save_figure
+from ground.progress import ProgressCallback
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,9 @@ def evaluate_run(ens, texts: list[str], top_ks: list[int], nearest: list[int] | 
     """
     if nearest is None:
         nearest, n_clusters = [r[0][0] for r in ens.route(texts, top_k=1)], ens.n_clusters
-    plan = ens.scoring(texts, vectors=routing_vectors)
+    bar = ProgressCallback(f"{prefix or 'eval '}routing windows", unit="window")
+    plan = ens.scoring(texts, vectors=routing_vectors, on_progress=bar)
+    bar.close()
     temperature = ens.route_temperature
     per_text = plan.logprobs(plan.weights(ens.n_experts, temperature))
     results = {"n_texts": len(texts), "route_temperature": temperature, "systems": {},
@@ -123,7 +126,9 @@ def tune_temperature(ens, texts: list[str], grid: list[float], top_k: int) -> di
     """Held-out perplexity for every routing temperature in ``grid``; the experts run once (the top-k set is the
     same for every T, only the weights change). Returns {"top_k", "grid": [{route_temperature, perplexity}],
     "best": T}."""
-    plan = ens.scoring(texts)
+    bar = ProgressCallback("tune: routing windows", unit="window")
+    plan = ens.scoring(texts, on_progress=bar)
+    bar.close()
     per_text = plan.logprobs(plan.weights(top_k, grid[0]))
     rows = []
     for temperature in grid:

@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 
 from cluster.config import EmbedConfig
-from cluster.embed import load_embedder
+from cluster.embed import encode_length_sorted, load_embedder
 from ensemble.prefix_router import fit_prefix_router
 from experts.tokenizer import open_tokenizer
 from ground.arrays import load_npy
 from ground.files import atomic_write_bytes
+from ground.progress import progress
 
 
 def train_router(corpus_path: Path, clusters_dir: Path, tokenizer_dir: Path, embed_cfg: EmbedConfig,
@@ -26,14 +27,20 @@ def train_router(corpus_path: Path, clusters_dir: Path, tokenizer_dir: Path, emb
     def encode(texts: list[str]) -> list[list[int]]:
         return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
+    def encode_prefixes(texts: list[str]) -> np.ndarray:
+        bar = progress(total=len(texts), desc="router: embed prefixes", unit="prefix")
+        vectors = encode_length_sorted(embedder, texts, bar.update)
+        bar.close()
+        return vectors
+
     def embed(texts: list[str]) -> np.ndarray:
         if cache_dir is None:
-            return embedder.encode(texts)
+            return encode_prefixes(texts)
         key = hashlib.sha256("\0".join([str(embeddings_dir), *texts]).encode()).hexdigest()[:24]
         path = Path(cache_dir) / f"prefixes-{key}.npy"
         if path.exists():
             return load_npy(path)
-        vectors = embedder.encode(texts)
+        vectors = encode_prefixes(texts)
         buffer = io.BytesIO()
         np.save(buffer, vectors)
         atomic_write_bytes(path, buffer.getvalue())

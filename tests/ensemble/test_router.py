@@ -3,8 +3,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from scipy.sparse import csr_matrix
 
 from ensemble.router import prior_weights, route_weights
+from ensemble.scoring import VECTOR_CHUNK, context_vectors
 
 distances = arrays(np.float64, st.tuples(st.integers(1, 5), st.integers(1, 8)),
                    elements=st.floats(0, 4, allow_nan=False))
@@ -125,3 +127,22 @@ def test_the_sparse_residual_fit_finds_the_plain_dense_fits_optimum():
             np.testing.assert_allclose(coef, want_coef, atol=2e-3)
             np.testing.assert_allclose(intercept, want_intercept, atol=2e-3)
         assert not coef[:, unused].any()  # a column without data keeps its start
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_context_vectors_in_chunks_equal_one_call_and_report_progress(sparse):
+    class Router:  # features of a text depend on that text alone, as every router's do
+        def vectors(self, texts):
+            x = np.array([[len(t), t.count("a"), hash(t) % 97] for t in texts], np.float32)
+            return csr_matrix(x) if sparse else x
+
+    contexts = [f"a{'ab' * (i % 13)}{i}" for i in range(2 * VECTOR_CHUNK + 5)]
+    calls = []
+    chunked = context_vectors(Router(), contexts, lambda done, total: calls.append((done, total)))
+    whole = Router().vectors(contexts)
+    if sparse:
+        assert chunked.format == "csr"
+        chunked, whole = chunked.toarray(), whole.toarray()
+    np.testing.assert_array_equal(chunked, whole)
+    n = len(contexts)
+    assert calls == [(0, n), (VECTOR_CHUNK, n), (2 * VECTOR_CHUNK, n), (n, n)]
