@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import shlex
 import shutil
 from pathlib import Path
 
@@ -125,7 +126,8 @@ def print_summary(summary: dict) -> None:
             print(f"  {cid:>3}  val {val}  train {e['train_loss']:.3f}  {e['path']}")
     print(f"Run directory: {summary['run_dir']}" + ("  (report.md)" if summary["done"] else ""))
     if summary["done"]:
-        print(f'Try:  cbtm query {summary["run_dir"]} "Bread dough should rise" --top-k 2')
+        prompt = shlex.quote(summary.get("example_prompt") or "The")
+        print(f"Try:  cbtm query {shlex.quote(summary['run_dir'])} {prompt} --top-k 2")
 
 
 def cmd_retrain(args) -> int:

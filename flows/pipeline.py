@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 
 from cluster.choose_k import choose_k
 from cluster.config import EmbedConfig
-from cluster.corpus import ingest_corpus
+from cluster.corpus import ingest_corpus, read_documents
 from cluster.embed import embed_shard, load_embedder, plan_shards, stage_embedder, write_embeddings_meta
 from cluster.kmeans import cluster_corpus, read_clusters
 from cluster.report import clusters_table
@@ -166,7 +166,20 @@ def summarize(run: RunDir) -> dict:
             "clusters": [{k: c[k] for k in ("cluster_id", "size_train", "size_heldout", "keywords")}
                          for c in clusters],
             "experts": {cid: {k: e.get(k) for k in ("val_loss", "train_loss", "path", "skipped", "reason")}
-                        for cid, e in manifest.experts.items()}}
+                        for cid, e in manifest.experts.items()},
+            "example_prompt": example_prompt(run)}
+
+
+def example_prompt(run: RunDir, words: int = 5) -> str:
+    """The first words of the run's first held-out document (else its first document): a prompt from the
+    user's own corpus for the closing "Try:" line; "" before ingest."""
+    if not run.corpus_path.exists():
+        return ""
+    for split in ("heldout", "train"):
+        texts = read_documents(run.corpus_path, split=split, columns=["text"]).column("text").slice(0, 1)
+        if len(texts):
+            return " ".join(str(texts[0]).split()[:words])
+    return ""
 
 
 def _choose_k(cfg: PipelineConfig, run: RunDir, manifest: Manifest, force: bool) -> None:

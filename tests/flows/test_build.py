@@ -1,14 +1,17 @@
 """End-to-end: the real `build` and `retrain` flows under Prefect's test harness, and the CLI."""
 import json
+import shlex
 import shutil
 
 import numpy as np
 import pytest
 
+from cluster.corpus import read_documents
 from ensemble import Ensemble
 from experts.budget import expert_budget
 from flows.cli import main
-from flows.pipeline import build, retrain
+from flows.commands import print_summary
+from flows.pipeline import build, retrain, summarize
 from ground.files import file_sha256, hash_path
 from ground.rundir import RunDir
 from tests.conftest import tiny_config, write_jsonl
@@ -140,6 +143,18 @@ def test_retrain_replaces_one_expert_and_leaves_the_others_untouched(built_run, 
     text = "The telescope showed a faint galaxy beyond the stars."
     assert not np.allclose(ens.score(text, experts=[2], top_k=1)[0],
                            Ensemble.load(built_run).score(text, experts=[2], top_k=1)[0])
+
+
+def test_the_closing_summary_suggests_a_query_from_the_users_own_corpus(built_run, capsys, tmp_path):
+    run = RunDir(built_run)
+    first = read_documents(run.corpus_path, split="heldout", columns=["text"]).column("text")[0].as_py()
+    spaced = tmp_path / "a run dir"  # the suggestion must survive a path with spaces, as typed in a shell
+    spaced.symlink_to(built_run)
+    print_summary({**summarize(run), "run_dir": str(spaced)})
+    line = [t for t in capsys.readouterr().out.splitlines() if t.startswith("Try:")][0]
+    argv = shlex.split(line.removeprefix("Try:"))
+    assert argv[:3] == ["cbtm", "query", str(spaced)] and argv[3] == " ".join(first.split()[:5])
+    assert main([*argv[1:], "--max-new-tokens", "3"]) == 0 and "Completion:" in capsys.readouterr().out
 
 
 def test_cli_query_and_eval_on_a_built_run(built_run, capsys):
