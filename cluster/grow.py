@@ -84,7 +84,9 @@ def place(d2: np.ndarray, thresholds: np.ndarray, joinable: np.ndarray) -> tuple
 
 def choose_new_k(x: np.ndarray, requested: int | None, seed: int, min_size: int = 2) -> int:
     """How many new clusters the rows x [n, d] form: ``requested``, or by silhouette among the AUTO_NEW_K that
-    leave at least ``min_size`` rows per cluster on average (one cluster when too few rows for two)."""
+    leave at least ``min_size`` rows per cluster on average (one cluster when too few rows for two, none when
+    too few for one: an expert of a handful of documents is not worth its memory, and an addition from the
+    run's own domains always leaves some documents past the join percentile)."""
     if requested is not None:
         if requested > len(x):
             raise UserInputError(f"--new-clusters {requested} but only {len(x)} new training document(s) are far "
@@ -92,7 +94,7 @@ def choose_new_k(x: np.ndarray, requested: int | None, seed: int, min_size: int 
         return requested
     ks = [k for k in AUTO_NEW_K if k <= len(x) // max(2, min_size)]
     if not ks:
-        return 1 if len(x) else 0
+        return 1 if len(x) >= max(1, min_size) else 0
     return best_k(score_ks(x, ks, seed=seed))
 
 
@@ -115,6 +117,10 @@ def _placement(vectors: np.ndarray, centroids: np.ndarray, thresholds: np.ndarra
     k_new = 0 if grow.new_clusters == 0 else choose_new_k(x[rest], grow.new_clusters, grow.seed, min_size)
     target = nearest.copy()
     if not k_new:
+        if grow.new_clusters is None and rest.any():
+            log.info("add: %d new training document(s) far from every cluster are too few for a new expert (auto "
+                     "needs %d): they join their nearest clusters (--new-clusters 1 makes one anyway)",
+                     int(rest.sum()), min_size)
         return centroids, target, 0
     model = SphericalKMeans(k_new, n_init=n_init, random_state=grow.seed, compute_labels=False).fit(x[rest])
     target[rest] = len(centroids) + model.predict(x[rest])

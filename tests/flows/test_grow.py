@@ -216,6 +216,8 @@ def test_auto_new_clusters_never_makes_clusters_far_smaller_than_the_runs():
     assert choose_new_k(blobs, None, seed=0, min_size=2) == 16  # 16 tight blobs: silhouette alone takes 16
     assert choose_new_k(blobs, None, seed=0, min_size=32) in (2, 4)  # the run's clusters hold ~64 documents
     assert choose_new_k(blobs[:40], None, seed=0, min_size=32) == 1  # too few for two such clusters
+    assert choose_new_k(blobs[:20], None, seed=0, min_size=32) == 0  # too few for one: they join their nearest
+    assert choose_new_k(blobs[:20], 1, seed=0, min_size=32) == 1  # unless asked for
     assignments = pa.table({"train_cluster_id": np.repeat([0, 1, 2], [60, 64, 80]).astype(np.int32)})
     assert auto_min_size(assignments, np.ones(204, bool), np.ones(3, bool)) == 32
 
