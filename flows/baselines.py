@@ -34,7 +34,7 @@ from flows.routing_stage import train_router
 from flows.stages import expert_is_current, record_expert
 from flows.tuning import tune_inputs, tune_stage
 from ground.errors import UserInputError
-from ground.files import atomic_write_text, hash_json, hash_path
+from ground.files import atomic_write_text, hash_json, hash_path, read_json
 from ground.rundir import Manifest, RunDir, hashed_settings
 
 log = logging.getLogger("cbtm")
@@ -91,6 +91,12 @@ def finished_parent(parent: RunDir) -> tuple[Manifest, PipelineConfig]:
 def spent_tokens(manifest: Manifest, cfg: PipelineConfig) -> int:
     """Training tokens the run's experts were given: the sum of their steps x tokens per step."""
     return sum(int(e.get("steps") or 0) for e in manifest.experts.values()) * cfg.train.tokens_per_step
+
+
+def seed_phase_tokens_trained(parent: RunDir, cfg: PipelineConfig) -> int:
+    """Tokens the parent's shared seed phase trained on (0 without one): the ensemble's and every baseline's."""
+    summary = parent.pretrained_dir / "expert.json"
+    return int(read_json(summary).get("tokens") or 0) if cfg.seed_tokens() and summary.exists() else 0
 
 
 def baseline_labels(parent: RunDir, kind: str, seed: int = 0) -> tuple[np.ndarray, int]:

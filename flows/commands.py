@@ -15,7 +15,7 @@ from flows.config import PipelineConfig
 from flows.evaluation import evaluate
 from flows.harness_eval import check_tasks, harness, require_harness
 from flows.pipeline import build, retrain
-from flows.report import dense_gain, harness_table
+from flows.report import budget_words, dense_gain, harness_table
 from flows.runners import task_runner
 from flows.training import default_corpus
 from ground.device import resolve_device
@@ -156,7 +156,7 @@ def cmd_eval(args) -> int:
         own = r["per_cluster"].get(str(r.get("expert")), {}).get("perplexity")
         print(f"  {name:<22} {r['perplexity']:>9.2f}  ({r['tokens']} tokens)" + (f"  [{own:.2f}]" if own else ""))
     for kind, b in results["baselines"].items():
-        print(f"Baseline {kind}: {b['n_experts']} expert(s), {b['budget_tokens']:,} training tokens in all "
+        print(f"Baseline {kind}: {b['n_experts']} expert(s), {budget_words(b)}, as the ensemble's experts "
               f"({Path(args.run_dir) / b['path']})")
     if gain := dense_gain(results):
         print(gain)

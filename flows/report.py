@@ -190,14 +190,24 @@ def dense_gain(results: dict) -> str | None:
             f"({'better' if best <= base else 'worse'} than dense at the same total tokens)")
 
 
+def budget_words(baseline: dict) -> str:
+    """A baseline's training tokens in words: after the shared seed phase, and in all (results.json's entry)."""
+    budget, seed = baseline["budget_tokens"], baseline.get("seed_tokens")
+    if seed is None:  # results.json written before 2026-12-04 did not record the seed phase
+        return f"{budget:,} training tokens besides any shared seed phase"
+    if not seed:
+        return f"{budget:,} training tokens in all"
+    return f"{budget:,} training tokens after the shared seed phase of {seed:,} ({budget + seed:,} in all)"
+
+
 def _baselines_note(results: dict) -> list[str]:
     notes = [f"`{kind}` ({b['n_experts']} expert(s), `{b['path']}`)"
              for kind, b in results.get("baselines", {}).items()]
     if not notes:
         return []
-    budget = next(iter(results["baselines"].values()))["budget_tokens"]
-    return [f"Baselines trained by the same code at the same total budget ({budget:,} tokens): " + ", ".join(notes)
-            + "."]
+    budget = budget_words(next(iter(results["baselines"].values())))
+    return [f"Baselines trained by the same code at the same total budget as the ensemble's experts ({budget}): "
+            + ", ".join(notes) + "."]
 
 
 def _per_cluster_table(results: dict) -> list[str]:

@@ -10,6 +10,7 @@ from ensemble import Ensemble
 from ensemble.prefix_router import VERSION as ROUTER_VERSION
 from flows.baselines import parse_baselines, plan_baseline, plan_derived
 from flows.cli import main
+from flows.report import budget_words
 from flows.tuning import tuning_texts
 from ground.errors import UserInputError
 from ground.rundir import RunDir
@@ -52,6 +53,9 @@ def test_eval_with_baselines_at_the_same_budget_is_reported_and_then_cached(base
     assert list(dense.read_manifest().experts) == ["0"] and dense.read_manifest().experts["0"]["steps"] == 24
     assert train_sizes(rand) == train_sizes(parent)
     assert results["baselines"]["dense"]["budget_tokens"] == 24 * 4 * 32 and "Baseline dense" in out
+    # The line counts the shared seed phase too: the baseline's total is the ensemble's, not only its branch part.
+    assert results["baselines"]["dense"]["seed_tokens"] == seed_steps * 4 * 32
+    assert f"{24 * 128:,} training tokens after the shared seed phase of {67 * 128:,} ({91 * 128:,} in all)" in out
     ours = min(r["perplexity"] for n, r in results["systems"].items() if n in ("top-1", "top-2", "all experts"))
     gain = 100 * (ours - results["systems"]["dense"]["perplexity"]) / results["systems"]["dense"]["perplexity"]
     assert f"vs dense {results['systems']['dense']['perplexity']:.2f}: {gain:+.1f}% perplexity" in out
@@ -131,3 +135,10 @@ def test_a_budget_too_small_for_a_baseline_is_one_clear_error(run_copy, tmp_path
 def test_parse_baselines_keeps_order_and_drops_repeats():
     assert parse_baselines("random, dense,random") == ["random", "dense"]
     assert parse_baselines(None) == [] and parse_baselines("") == []
+
+
+def test_budget_words_count_the_seed_phase_when_the_results_know_it():
+    assert budget_words({"budget_tokens": 3072, "seed_tokens": 8576}) == (
+        "3,072 training tokens after the shared seed phase of 8,576 (11,648 in all)")
+    assert budget_words({"budget_tokens": 3072, "seed_tokens": 0}) == "3,072 training tokens in all"
+    assert budget_words({"budget_tokens": 3072}) == "3,072 training tokens besides any shared seed phase"
