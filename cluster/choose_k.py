@@ -75,6 +75,16 @@ def best_k(results: list[dict]) -> int:
     return max(scored, key=lambda r: (r["silhouette"], -r["k"]))["k"]
 
 
+def edge_warning(results: list[dict], best: int) -> str | None:
+    """A line for a best k that is the largest candidate (silhouette may still be rising), else None."""
+    largest = max(r["k"] for r in results)
+    if best != largest or len(results) < 2:
+        return None
+    return (f"the best silhouette is at k={best}, the largest candidate: it may still rise beyond; silhouette "
+            "favours many small clusters on text, so consider --clusters K near the number of domains you expect "
+            "(README: Choosing k)")
+
+
 def plot_choose_k(results: list[dict], path: Path, best: int | None = None) -> Path:
     """Inertia (left axis) and silhouette (right axis) against k (log2 axis); the chosen k marked. PNG."""
     ks = [r["k"] for r in results]

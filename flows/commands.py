@@ -6,7 +6,7 @@ import shlex
 import shutil
 from pathlib import Path
 
-from cluster.choose_k import choose_k
+from cluster.choose_k import choose_k, edge_warning
 from cluster.corpus import check_corpus
 from flows.api_server import api_server
 from flows.baselines import parse_baselines
@@ -195,5 +195,7 @@ def cmd_clusters(args) -> int:
         sil = "n/a" if row["silhouette"] is None else f"{row['silhouette']:.4f}"
         best = "  <- best" if row["k"] == result["best_k"] else ""
         print(f"{row['k']:>4} {row['inertia']:>10.4f} {sil:>11}{best}")
+    if warning := edge_warning(result["results"], result["best_k"]):
+        print(f"Note: {warning}")
     print(f"Plot: {run.choose_k_dir / 'choose_k.png'}; use it with `cbtm run --clusters K` (or --clusters auto)")
     return 0

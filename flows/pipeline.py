@@ -18,7 +18,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from cluster.choose_k import choose_k
+from cluster.choose_k import choose_k, edge_warning
 from cluster.config import EmbedConfig
 from cluster.corpus import ingest_corpus, read_documents
 from cluster.embed import embed_shard, load_embedder, plan_shards, stage_embedder, write_embeddings_meta
@@ -190,6 +190,8 @@ def _choose_k(cfg: PipelineConfig, run: RunDir, manifest: Manifest, force: bool)
                                     cfg.cluster.seed, out), force=force)
     best = read_json(out / "choose_k.json")["best_k"]
     log.info("  choose_k  best silhouette at k=%d (of %s)", best, cfg.cluster.auto_k)
+    if warning := edge_warning(read_json(out / "choose_k.json")["results"], best):
+        log.warning("  choose_k  %s", warning)
     cfg.cluster.n_clusters = best  # recorded with the rest of the config when the build succeeds
 
 

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from cluster.choose_k import best_k, choose_k, score_ks
+from cluster.choose_k import best_k, choose_k, edge_warning, score_ks
 from ground.errors import UserInputError
 from tests.cluster.test_kmeans import blobs, clustered_inputs
 
@@ -49,3 +49,10 @@ def test_nan_embeddings_are_refused():
     x[0, 0] = np.nan
     with pytest.raises(UserInputError, match="NaN"):
         score_ks(x, [2])
+
+
+def test_a_best_k_at_the_grids_edge_is_called_out():
+    rising = [{"k": k, "silhouette": s} for k, s in [(2, .046), (4, .061), (8, .070), (16, .076), (32, .080)]]
+    assert "k=32, the largest candidate" in edge_warning(rising, best_k(rising))
+    assert edge_warning(rising[:3] + [{"k": 16, "silhouette": .01}], 8) is None
+    assert edge_warning(rising[:1], 2) is None  # one candidate: nothing to compare

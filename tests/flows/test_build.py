@@ -228,4 +228,7 @@ def test_cli_choose_k_prints_scores_and_writes_the_plot(built_run, tmp_path, cap
     best_line = next(line for line in out.splitlines() if "<- best" in line)
     assert best_line.split()[0] == "3" and f"{silhouettes[3]:.4f}" in best_line
     assert (run_dir / "choose_k" / "choose_k.png").stat().st_size > 0
+    assert "largest candidate" not in out  # 3 of 2, 3, 4 is inside the grid
+    assert main(["clusters", "choose-k", str(run_dir), "--k", "2,3"]) == 0
+    assert "Note: the best silhouette is at k=3, the largest candidate" in capsys.readouterr().out
     assert main(["clusters", "choose-k", str(run_dir), "--k", "2,999"]) == 2
