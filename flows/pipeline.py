@@ -188,9 +188,10 @@ def _choose_k(cfg: PipelineConfig, run: RunDir, manifest: Manifest, force: bool)
     run_stage(run, manifest, "choose_k", stage_inputs(cfg, manifest, "choose_k"),
               lambda: choose_k_task(run.embeddings_dir, run.corpus_path, cfg.cluster.auto_k, cfg.cluster.sample_size,
                                     cfg.cluster.seed, out), force=force)
-    best = read_json(out / "choose_k.json")["best_k"]
+    chosen = read_json(out / "choose_k.json")
+    best = chosen["best_k"]
     log.info("  choose_k  best silhouette at k=%d (of %s)", best, cfg.cluster.auto_k)
-    if warning := edge_warning(read_json(out / "choose_k.json")["results"], best):
+    if warning := edge_warning(chosen["results"], best):
         log.warning("  choose_k  %s", warning)
     cfg.cluster.n_clusters = best  # recorded with the rest of the config when the build succeeds
 

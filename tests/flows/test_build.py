@@ -232,3 +232,12 @@ def test_cli_choose_k_prints_scores_and_writes_the_plot(built_run, tmp_path, cap
     assert main(["clusters", "choose-k", str(run_dir), "--k", "2,3"]) == 0
     assert "Note: the best silhouette is at k=3, the largest candidate" in capsys.readouterr().out
     assert main(["clusters", "choose-k", str(run_dir), "--k", "2,999"]) == 2
+
+
+def test_auto_k_at_the_largest_candidate_is_called_out(prefect_harness, slice_corpus, tmp_path, capsys):
+    out = tmp_path / "auto"
+    argv = ["run", "--corpus", str(slice_corpus), "--out", str(out), "--until", "cluster"]
+    assert main(argv + ["--set", "cluster.auto_k=[2, 3]"]) == 0  # the slice's 3 domains: 3 is the best
+    err = capsys.readouterr().err
+    assert RunDir(out).read_manifest().config["cluster"]["n_clusters"] == 3
+    assert "the best silhouette is at k=3, the largest candidate" in err
