@@ -53,6 +53,7 @@ class DerivedPlan:
     steps: dict[int, int]
     inputs: dict[int, str]
     todo: list[int]
+    seed_tokens: int  # the parent's shared seed phase, which every expert here branches after (0: none)
 
     def train_kwargs(self, cluster_id: int) -> dict:
         """Keyword arguments of `experts.train.train_expert` for one expert of this run."""
@@ -137,7 +138,8 @@ def plan_derived(parent: RunDir, root: Path, name: str, clusters_key: dict, n_cl
         run.done_path.unlink(missing_ok=True)
     log.info("  %-9s %d expert(s) to train, %d up to date (%s tokens)", name, len(todo), n_clusters - len(todo),
              f"{total:,}")
-    return DerivedPlan(parent, run, manifest, train, branch, steps, inputs, todo)
+    return DerivedPlan(parent, run, manifest, train, branch, steps, inputs, todo,
+                       seed_phase_tokens_trained(parent, cfg))
 
 
 def _derived_manifest(parent: RunDir, pm: Manifest, cfg: PipelineConfig, run: RunDir, key: str, n_clusters: int,

@@ -16,7 +16,6 @@ from flows.baselines import (
     parse_baselines,
     plan_baseline,
     record_derived_expert,
-    seed_phase_tokens_trained,
 )
 from flows.config import PipelineConfig
 from flows.evaluate import evaluate_run, heldout_texts, plot_per_cluster, plot_results, write_results
@@ -40,7 +39,6 @@ def _score_baselines(run: RunDir, baselines: list[str], texts: list[str], top_ks
                      nearest: list[int], runner: str) -> None:
     """Train (or reuse) each baseline and add its systems to ``results`` (per cluster of ``run``)."""
     vectors = results.pop("routing_vectors")
-    seed_tokens = seed_phase_tokens_trained(run, finished_parent(run)[1])
     for kind in baselines:
         plan = plan_baseline(run, kind)
         base = Ensemble.load(train_baseline(plan, runner).root)
@@ -53,7 +51,7 @@ def _score_baselines(run: RunDir, baselines: list[str], texts: list[str], top_ks
         results["systems"].update(scored["systems"])
         results["baselines"][kind] = {"path": plan.run.root.relative_to(run.root).as_posix(),
                                       "n_experts": base.n_experts, "budget_tokens": plan.train.total_tokens,
-                                      "seed_tokens": seed_tokens}
+                                      "seed_tokens": plan.seed_tokens}
 
 
 @flow(name="evaluate", log_prints=False, validate_parameters=False)

@@ -206,7 +206,7 @@ def _baselines_note(results: dict) -> list[str]:
     if not notes:
         return []
     budget = budget_words(next(iter(results["baselines"].values())))
-    return [f"Baselines trained by the same code at the same total budget as the ensemble's experts ({budget}): "
+    return [f"Baselines trained by the same code at the same total budget as the ensemble's experts, {budget}: "
             + ", ".join(notes) + "."]
 
 
