@@ -58,7 +58,7 @@ def perplexities(ens: Ensemble, texts: list[str]) -> tuple[list[float], object]:
         spec = ens.route_spec(top_k=k)
         plan = plan or ens.scoring(texts, spec.columns)
         weights = plan.weights(spec.top_k, spec.route_temperature)
-        out.append(float(np.exp(-np.concatenate(mix(weights, plan.logprobs(weights))).mean())))
+        out.append(float(np.exp(-np.concatenate(mix(weights, plan.logprobs(weights), spec.evidence)).mean())))
     return out, plan
 
 

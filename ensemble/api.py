@@ -18,6 +18,7 @@ from cluster.kmeans import read_clusters
 from ensemble import checks
 from ensemble.config import ROUTERS, EnsembleConfig, resolve_routing
 from ensemble.engine import Engine
+from ensemble.evidence import Evidence
 from ensemble.pool import ExpertPool, PinnedExpert
 from ensemble.prefix_router import PrefixRouter
 from ensemble.router import prior_weights
@@ -63,6 +64,7 @@ class RunView:
     router: CentroidRouter
     top_k: int
     route_temperature: float
+    evidence: Evidence
 
 
 class Ensemble:
@@ -72,11 +74,13 @@ class Ensemble:
     weights. Experts load lazily and stay pinned at the version this object loaded until `reload()`;
     ``max_loaded_experts`` bounds how many stay in memory. ``backend``: "stacked" (experts of one Llama shape
     stacked, one batched call per step), "sequential" (one HF model call per expert) or "auto".
+    ``evidence_weight``: `ensemble.evidence`'s weight instead of the run's (0: the routing weights alone).
     """
 
     def __init__(self, run_dir: Path | str, device: str = "auto", top_k: int | None = None,
                  route_temperature: float | None = None, max_loaded_experts: int | None = None,
-                 backend: str = "auto", router: str | None = None, *, unfinished: bool = False):
+                 backend: str = "auto", router: str | None = None, *, unfinished: bool = False,
+                 evidence_weight: float | None = None):
         if max_loaded_experts is not None and (isinstance(max_loaded_experts, bool) or not isinstance(
                 max_loaded_experts, numbers.Integral) or max_loaded_experts < 1):
             raise ValueError(f"max_loaded_experts must be a whole number >= 1 or None, got {max_loaded_experts!r}")
@@ -86,6 +90,7 @@ class Ensemble:
             raise ValueError(f"router must be one of {', '.join(ROUTERS)} or None (the run's), got {router!r}")
         self._router_kind = router
         self._unfinished = unfinished
+        self._evidence_weight = None if evidence_weight is None else Evidence(evidence_weight).weight
         self.run = RunDir(run_dir)
         self.device = resolve_device(device)
         self.max_loaded_experts = max_loaded_experts
@@ -102,13 +107,15 @@ class Ensemble:
     @classmethod
     def load(cls, run_dir: Path | str, device: str = "auto", top_k: int | None = None,
              route_temperature: float | None = None, max_loaded_experts: int | None = None,
-             backend: str = "auto", router: str | None = None, *, unfinished: bool = False) -> "Ensemble":
+             backend: str = "auto", router: str | None = None, *, unfinished: bool = False,
+             evidence_weight: float | None = None) -> "Ensemble":
         """Open a finished run directory (raises IncompatibleRunError / FileNotFoundError / ValueError saying
         what to do). ``router``: "centroid" or "prefix" instead of the run's own (its temperature then is that
         router's default unless ``route_temperature`` is given). ``unfinished``: also a run whose experts are
-        all recorded but which is not assembled yet (the build's tune stage scores it before DONE)."""
+        all recorded but which is not assembled yet (the build's tune stage scores it before DONE).
+        ``evidence_weight``: 0 mixes by the routing weights alone, as c-BTM does (default: the run's)."""
         return cls(run_dir, device, top_k, route_temperature, max_loaded_experts, backend, router,
-                   unfinished=unfinished)
+                   unfinished=unfinished, evidence_weight=evidence_weight)
 
     # ------------------------------------------------------------------------------------------ loading
     def reload(self) -> list[int]:
@@ -170,7 +177,10 @@ class Ensemble:
         for c in active.tolist():
             entry = manifest.experts[str(c)]
             pins[c] = old[c] if c in old and old[c].version == entry.get("hash") else PinnedExpert(run.root, c, entry)
-        return RunView(manifest, config, centroids, active, sizes, clusters, router, top_k, temperature), pins
+        evidence = config.evidence if self._evidence_weight is None else Evidence(self._evidence_weight,
+                                                                                  config.evidence_decay)
+        return RunView(manifest, config, centroids, active, sizes, clusters, router, top_k, temperature,
+                       evidence), pins
 
     def _embed_fn(self, manifest):
         if self._embedder is None:
@@ -202,6 +212,7 @@ class Ensemble:
     top_k = property(lambda self: self._view.top_k)
     route_temperature = property(lambda self: self._view.route_temperature)
     route_window = property(lambda self: self._view.config.route_window)
+    evidence = property(lambda self: self._view.evidence)
     active = property(lambda self: self._view.active)
     n_experts = property(lambda self: len(self._view.active))
     n_clusters = property(lambda self: len(self._view.centroids))
@@ -246,7 +257,7 @@ class Ensemble:
         top_k = min(view.top_k, len(cols)) if top_k is None else checks.whole(top_k, "top_k", 1, len(cols))
         temperature = view.route_temperature if route_temperature is None else finite_positive(
             route_temperature, "route_temperature")
-        return RouteSpec(view.router, cols, int(top_k), float(temperature))
+        return RouteSpec(view.router, cols, int(top_k), float(temperature), view.evidence)
 
     def route(self, texts, top_k: int | None = None, route_temperature: float | None = None,
               experts=None, exclude_experts=None):
@@ -320,7 +331,7 @@ class Ensemble:
         spec = self.route_spec(top_k, route_temperature, experts, exclude_experts)
         plan = self.scoring(batch, spec.columns)
         weights = plan.weights(spec.top_k, spec.route_temperature)
-        return mix(weights, plan.logprobs(weights))
+        return mix(weights, plan.logprobs(weights), spec.evidence)
 
     def perplexity(self, texts, top_k: int | None = None, route_temperature: float | None = None, experts=None,
                    exclude_experts=None) -> float:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from ensemble.evidence import Evidence
 from ground.errors import UserInputError
 from ground.fields import check_fields, finite_positive, whole_number
 
@@ -33,7 +34,9 @@ class EnsembleConfig:
     per prompt; ``route_window``: when scoring, the weights for a token come from the tokens before it,
     recomputed once per window of this many tokens (so no prefix is embedded token by token);
     ``tune_docs``: with ``route_temperature`` unset, the build picks T by the perplexity of up to this many
-    held-out documents at ``top_k`` (0: no tuning, the router's default applies).
+    held-out documents at ``top_k`` (0: no tuning, the router's default applies); ``evidence_weight`` (0: off)
+    and ``evidence_decay``: within the routed experts, each token's weights are reweighted by how well each
+    expert predicted the tokens just before it (`ensemble.evidence`).
     """
 
     top_k: int = 2
@@ -41,6 +44,8 @@ class EnsembleConfig:
     route_window: int = 32
     router: str = "prefix"
     tune_docs: int = 200
+    evidence_weight: float = 0.5
+    evidence_decay: float = 0.8
 
     def __post_init__(self) -> None:
         check_fields(self, "ensemble")
@@ -51,6 +56,14 @@ class EnsembleConfig:
         whole_number(self.tune_docs, "ensemble.tune_docs", 0)
         if self.router not in ROUTERS:
             raise UserInputError(f"ensemble.router must be one of {', '.join(ROUTERS)}, got {self.router!r}")
+        if self.evidence_weight < 0:  # check_fields has made both finite floats
+            raise UserInputError(f"ensemble.evidence_weight must be >= 0 (0: off), got {self.evidence_weight}")
+        if not 0 <= self.evidence_decay <= 1:
+            raise UserInputError(f"ensemble.evidence_decay must be between 0 and 1, got {self.evidence_decay}")
+
+    @property
+    def evidence(self) -> Evidence:
+        return Evidence(self.evidence_weight, self.evidence_decay)
 
     @property
     def temperature(self) -> float:

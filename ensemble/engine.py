@@ -8,15 +8,22 @@ the backend once for every lane (a backend runs each expert once on all its lane
 stacked call). ``reroute_every=N`` re-routes a row every N tokens: lanes of experts that leave are dropped,
 experts that enter get a lane prefilled from the row's whole context.
 
-Backends implement ``lanes() -> LaneSet`` where a LaneSet has ``add(experts, contexts) -> (lane ids, probs)``,
-``step(lane ids, tokens) -> probs`` and ``remove(lane ids)``; probs are float32 [n, vocab].
+Within a row's routed experts, the weights follow ``route_spec.evidence`` (`ensemble.evidence`): after every
+token each lane's probability of it joins that expert's evidence, which a new lane starts from its prefill's
+log-probabilities of the context's last tokens — the weights `Ensemble.score` gives the same text.
+
+Backends implement ``lanes() -> LaneSet`` where a LaneSet has ``add(experts, contexts, tail) -> (lane ids, probs,
+log-probs of each context's last ``tail`` tokens)``, ``step(lane ids, tokens) -> probs`` and
+``remove(lane ids)``; probs are float32 [n, vocab].
 """
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol, Sequence
 
+from ensemble.evidence import EVIDENCE_TOKENS
 from ensemble.sampling import Sampling, cut_at_stop, pick_token
 
 # texts, one routing spec per text -> one {cluster_id: weight} per text (weights sum to 1)
@@ -25,7 +32,7 @@ STOP_WINDOW = 32  # tokens decoded to look for a stop string after each new toke
 
 
 class LaneSet(Protocol):
-    def add(self, experts: list[int], contexts: list[list[int]]): ...
+    def add(self, experts: list[int], contexts: list[list[int]], tail: int = 0): ...
     def step(self, lanes: list[int], tokens: list[int]): ...
     def remove(self, lanes: list[int]) -> None: ...
     def close(self) -> None: ...
@@ -34,7 +41,8 @@ class LaneSet(Protocol):
 @dataclass
 class Row:
     """One prompt being continued. ``finish`` is None while it decodes, then "stop" (eos or a stop string),
-    "length" (max_new_tokens reached) or "cancelled". ``lanes`` and ``lane_probs`` are keyed by cluster_id."""
+    "length" (max_new_tokens reached) or "cancelled". ``lanes``, ``lane_probs`` and ``seen`` are keyed by
+    cluster_id; ``weights`` are the ``routing`` weights reweighted by the evidence in ``seen``."""
 
     prompt: str
     ids: list[int]
@@ -45,6 +53,8 @@ class Row:
     produced: list[int] = field(default_factory=list)
     weights: dict[int, float] = field(default_factory=dict)
     routed: dict[int, float] = field(default_factory=dict)  # the weights the row started with
+    routing: dict[int, float] = field(default_factory=dict)  # the router's weights now (before evidence)
+    seen: dict[int, list] = field(default_factory=dict)  # per expert, log p of the row's last tokens, oldest first
     lanes: dict[int, int] = field(default_factory=dict)
     lane_probs: dict[int, object] = field(default_factory=dict)  # float32 [vocab] next-token probs per expert
     finish: str | None = None
@@ -60,6 +70,27 @@ class Row:
             term = float(weight) * self.lane_probs[expert]
             out = term if out is None else out + term
         return out
+
+    @property
+    def evidence(self):
+        """The `ensemble.evidence.Evidence` of the row's routing, or None when it is off."""
+        evidence = getattr(self.route_spec, "evidence", None)
+        return evidence if evidence is not None and evidence.on else None
+
+    def reweigh(self) -> None:
+        """``weights`` from ``routing`` and the evidence so far (the routing itself when evidence is off)."""
+        evidence = self.evidence
+        self.weights = evidence.reweigh_one(self.routing, self.seen) if evidence else dict(self.routing)
+
+    def observe(self, token: int) -> None:
+        """Each lane's log-probability of the row's new ``token`` joins its expert's evidence."""
+        if self.evidence is None:
+            return
+        for expert, probs in self.lane_probs.items():
+            recent = self.seen.setdefault(expert, [])
+            recent.append(math.log(max(float(probs[token]), 1e-300)))
+            del recent[:-EVIDENCE_TOKENS]
+        self.reweigh()
 
 
 @dataclass
@@ -129,7 +160,7 @@ class Batch:
         row = Row(prompt, [eos, *prompt_ids], int(max_new_tokens), sampling, route_spec, reroute_every,
                   generator=sampling.generator(row_index), tag=tag, logprobs=logprobs)
         if weights is not None:
-            row.weights = row.routed = dict(sorted(weights.items()))
+            row.weights = row.routed = row.routing = dict(sorted(weights.items()))
         self._new.append(row)
         return row
 
@@ -170,16 +201,21 @@ class Batch:
         if unrouted:
             routes = self.engine.route([r.prompt for r in unrouted], [r.route_spec for r in unrouted])
             for row, route in zip(unrouted, routes):
-                row.weights = row.routed = dict(sorted(route.items()))
+                row.weights = row.routed = row.routing = dict(sorted(route.items()))
         self._open([(row, e) for row in new for e in row.weights])
         self.rows.extend(new)
 
     def _open(self, pairs: list[tuple[Row, int]]) -> None:
-        """New lanes, prefilled with their row's whole context: their probs are the next token's."""
+        """New lanes, prefilled with their row's whole context: their probs are the next token's, and the
+        log-probabilities of the context's last tokens start their expert's evidence."""
         if pairs:
-            lane_ids, probs = self.lanes.add([e for _, e in pairs], [row.ids for row, _ in pairs])
-            for (row, expert), lane, p in zip(pairs, lane_ids, probs):
+            tail = EVIDENCE_TOKENS if any(row.evidence for row, _ in pairs) else 0
+            lane_ids, probs, seen = self.lanes.add([e for _, e in pairs], [row.ids for row, _ in pairs], tail)
+            for (row, expert), lane, p, lp in zip(pairs, lane_ids, probs, seen):
                 row.lanes[expert], row.lane_probs[expert] = lane, p
+                row.seen[expert] = [float(v) for v in lp]
+            for row in {id(row): row for row, _ in pairs}.values():
+                row.reweigh()
 
     def _feed(self, pairs: list[tuple[Row, int]]) -> None:
         """The given lanes consume their row's newest token."""
@@ -195,6 +231,7 @@ class Batch:
             row.finish = "stop"
             self._drop(row)
             return StepEvent(row, None, "stop", logprob, top)
+        row.observe(token)  # the lanes' probabilities of this token, before they move on
         row.produced.append(token)
         row.ids.append(token)
         if row.sampling.stop and any(s in self.engine.decode(row.produced[-STOP_WINDOW:]) for s in row.sampling.stop):
@@ -220,8 +257,10 @@ class Batch:
                 self.lanes.remove([row.lanes.pop(e) for e in leaving])
                 for e in leaving:
                     row.lane_probs.pop(e, None)
+                    row.seen.pop(e, None)
             entering += [(row, e) for e in route if e not in row.lanes]
-            row.weights = dict(sorted(route.items()))
+            row.routing = dict(sorted(route.items()))
+            row.reweigh()
         self._open(entering)
         return {(id(row), e) for row, e in entering}
 

@@ -9,8 +9,9 @@ The three request types follow c-BTM's protocols:
 
 - ``loglikelihood(context, continuation)``: the context (the few-shot prompt) is routed once, as c-BTM routes
   downstream prompts; the continuation's tokens are scored by the mixture of the top-k experts' next-token
-  probabilities, and ``is_greedy`` says whether the mixture's argmax is the continuation at every token. The
-  context is cut from the left to fit the experts' context (as lm-eval's Hugging Face model does).
+  probabilities (reweighted per token by `ensemble.evidence` as in scoring), and ``is_greedy`` says whether
+  the mixture's argmax is the continuation at every token. The context is cut from the left to fit the experts'
+  context (as lm-eval's Hugging Face model does).
 - ``loglikelihood_rolling(text)``: `Ensemble.score` — the scoring protocol of `cbtm eval` (a token's weights
   come from the context before it), so the harness's perplexities agree with `cbtm eval`'s.
 - ``generate_until(context, gen_kwargs)``: `Ensemble.generate`, batched, with the stop strings of ``until``.
@@ -29,6 +30,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from ensemble.api import Ensemble
+from ensemble.evidence import EVIDENCE_TOKENS
 from ground.progress import progress
 
 log = logging.getLogger(__name__)
@@ -140,32 +142,49 @@ class CbtmLM(LM):
 
     def _score_pairs(self, contexts: list[str], pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """(log p(continuation | context), greedy) of each (context ids, continuation ids) under the mixture of
-        its context's experts: each expert's next-token probabilities at the continuation's positions."""
-        import torch
-
+        its context's experts: each expert's next-token probabilities at the continuation's positions, weighted
+        as `ensemble.evidence` reweighs them (which reads each expert's probabilities of the tokens before)."""
         weights = self._weights(contexts)
         jobs, owners = [], []
         for i, ((ctx, cont), w) in enumerate(zip(pairs, weights)):
             if not cont:
                 continue
             ids = [self.eos, *ctx, *cont][-self.max_length:]
+            tail = min(len(cont) + (EVIDENCE_TOKENS if self.spec.evidence.on else 0), len(ids) - 1)
             for expert in sorted(w):
-                jobs.append((expert, ids, min(len(cont), len(ids) - 1)))
-                owners.append((i, expert))
-        mixed: dict[int, object] = {}
-        for (i, expert), probs in zip(owners, self.ens.backend.tail_probs(jobs) if jobs else []):
-            term = weights[i][expert] * probs
-            mixed[i] = term if i not in mixed else mixed[i] + term
+                jobs.append((expert, ids, tail))
+                owners.append((i, expert, ids[-tail:]))
+        probs: dict[int, list] = {}
+        for (i, expert, _), p in zip(owners, self.ens.backend.tail_probs(jobs) if jobs else []):
+            probs.setdefault(i, []).append((expert, p))
+        targets = {i: seen for i, _, seen in owners}
         out = []
         for i, (_, cont) in enumerate(pairs):
-            if i not in mixed:
+            if i not in probs:
                 out.append((0.0, True))
                 continue
-            target = torch.tensor(cont[-len(mixed[i]):], device=mixed[i].device)
-            chosen = mixed[i].gather(1, target[:, None])[:, 0]
-            out.append((float(torch.log(chosen.clamp_min(1e-30)).double().sum()),
-                        bool((mixed[i].argmax(dim=-1) == target).all())))
+            out.append(self._mixed_score(weights[i], probs[i], targets[i], min(len(cont), len(targets[i]))))
         return out
+
+    def _mixed_score(self, weights: dict[int, float], probs: list, seen: list[int], n_cont: int) -> tuple[float, bool]:
+        """(log p of the last ``n_cont`` of ``seen``, greedy) under the mixture of (expert, next-token probs
+        float32 [len(seen), vocab]) pairs; ``seen``: the tokens those probabilities predict."""
+        import torch
+
+        device = probs[0][1].device
+        target = torch.tensor(seen, device=device)[:, None]
+        w = np.array([[weights[e] for e, _ in probs]] * len(seen))
+        if self.spec.evidence.on:
+            own = np.stack([torch.log(p.gather(1, target)[:, 0].double().clamp_min(1e-300)).cpu().numpy()
+                            for _, p in probs], axis=1)
+            w = self.spec.evidence.reweigh(w, self.spec.evidence.scores(own))
+        mixed = None
+        for j, (_, p) in enumerate(probs):
+            term = torch.as_tensor(w[-n_cont:, j], dtype=p.dtype, device=device)[:, None] * p[-n_cont:]
+            mixed = term if mixed is None else mixed + term
+        chosen = mixed.gather(1, target[-n_cont:])[:, 0]
+        return (float(torch.log(chosen.clamp_min(1e-30)).double().sum()),
+                bool((mixed.argmax(dim=-1) == target[-n_cont:, 0]).all()))
 
     def _fit_prompt(self, context: str, max_new: int) -> str:
         """The context cut from the left so that it and ``max_new`` tokens fit the experts' context."""

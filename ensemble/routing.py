@@ -9,6 +9,7 @@ from typing import Callable
 import numpy as np
 
 from cluster.kmeans import squared_distances
+from ensemble.evidence import Evidence
 from ensemble.router import top_k_softmax
 
 
@@ -34,12 +35,13 @@ class CentroidRouter:
 @dataclass(frozen=True)
 class RouteSpec:
     """How one prompt is routed: by ``router``, over cluster ids ``columns``, top ``top_k`` at
-    ``route_temperature``."""
+    ``route_temperature``; within those, each token reweighted by ``evidence`` (`ensemble.evidence`)."""
 
     router: object
     columns: tuple[int, ...]
     top_k: int
     route_temperature: float
+    evidence: Evidence = Evidence()
 
     def weights(self, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(cluster ids int64 [n, top_k], weights float64 [n, top_k]) best first, for routing embeddings."""

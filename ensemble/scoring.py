@@ -13,6 +13,7 @@ from typing import Callable
 
 import numpy as np
 
+from ensemble.evidence import Evidence
 from ensemble.router import top_k_softmax
 
 ROUTE_CONTEXT_TOKENS = 256  # at most this many preceding tokens are embedded to route a window
@@ -94,13 +95,19 @@ def experts_logprobs(backend, eos: int, encoded: list[list[int]],
     return per_text
 
 
-def mix(weights: list[np.ndarray], per_text: list[dict[int, np.ndarray]]) -> list[np.ndarray]:
-    """log sum_e w_e(t) p_e(token_t): the mixture's per-token log-probabilities (float64 [n_tokens])."""
+def mix(weights: list[np.ndarray], per_text: list[dict[int, np.ndarray]],
+        evidence: Evidence | None = None) -> list[np.ndarray]:
+    """log sum_e w_e(t) p_e(token_t): the mixture's per-token log-probabilities (float64 [n_tokens]); with
+    ``evidence`` on, each token's routed weights are first reweighted by the experts' log-probabilities of the
+    tokens before it (`ensemble.evidence`)."""
     out = []
     for w, logps in zip(weights, per_text):
         experts = sorted(logps)
         stacked = np.stack([logps[e] for e in experts], axis=1)  # [n_tokens, n_used]
+        used = w[:, experts]
+        if evidence is not None and evidence.on:
+            used = evidence.reweigh(used, evidence.scores(stacked))
         with np.errstate(divide="ignore"):
-            logw = np.log(w[:, experts])
+            logw = np.log(used)
         out.append(np.logaddexp.reduce(logw + stacked, axis=1))
     return out

@@ -61,8 +61,9 @@ class SequentialLanes:
         self._where: dict[int, _Cohort] = {}
         self._next = 0
 
-    def add(self, experts: list[int], contexts: list[list[int]]):
-        """Prefill one cohort per expert; returns (lane ids, probs float32 [n, vocab]) in input order."""
+    def add(self, experts: list[int], contexts: list[list[int]], tail: int = 0):
+        """Prefill one cohort per expert; returns (lane ids, probs float32 [n, vocab], per lane log p of the last
+        min(tail, len - 1) tokens of its context, float64 oldest first) in input order."""
         import torch
 
         order: dict[int, list[int]] = {}
@@ -70,12 +71,18 @@ class SequentialLanes:
             order.setdefault(int(e), []).append(i)
         lane_ids = list(range(self._next, self._next + len(experts)))
         self._next += len(experts)
-        probs = [None] * len(experts)
+        probs, seen = [None] * len(experts), [np.zeros(0)] * len(experts)
         for expert, idx in order.items():
-            cohort, p = self._prefill(expert, [contexts[i] for i in idx], [lane_ids[i] for i in idx])
+            seqs = [contexts[i] for i in idx]
+            cohort, logits = self._prefill(expert, seqs, [lane_ids[i] for i in idx])
             for j, i in enumerate(idx):
-                probs[i] = p[j]
-        return lane_ids, torch.stack(probs)
+                probs[i] = torch.softmax(logits[j, -1].float(), dim=-1)
+                m = min(tail, len(seqs[j]) - 1)
+                if m > 0:  # left-padded: the last m + 1 positions end the context
+                    lp = torch.log_softmax(logits[j, -1 - m:-1].float(), dim=-1)
+                    target = torch.tensor(seqs[j][-m:], device=lp.device)[:, None]
+                    seen[i] = lp.gather(1, target)[:, 0].double().cpu().numpy()
+        return lane_ids, torch.stack(probs), seen
 
     def _prefill(self, expert: int, seqs: list[list[int]], lanes: list[int]):
         import torch
@@ -98,7 +105,7 @@ class SequentialLanes:
         self.cohorts.append(cohort)
         for lane in lanes:
             self._where[lane] = cohort
-        return cohort, torch.softmax(out.logits[:, -1].float(), dim=-1)
+        return cohort, out.logits
 
     def step(self, lanes: list[int], tokens: list[int]):
         """Every listed lane consumes one token (each cohort's lanes must all be listed); probs [n, vocab]."""

@@ -171,6 +171,20 @@ def _chunks(segments: list, vocab: int) -> list[list]:
     return out + ([current] if current else [])
 
 
+def _context_logprobs(x, weights: dict, layout: Layout, contexts: list[list[int]], tokens, tail: int) -> list:
+    """Per lane, log p of the last min(tail, len - 1) tokens of its context (float64, oldest first) from the
+    prefill's hidden states x [lanes, length, hidden] (contexts right-padded in ``tokens`` [lanes, length])."""
+    import torch
+
+    device = x.device
+    ends = torch.tensor([len(c) - 1 for c in contexts], device=device)  # the position predicting nothing
+    pos = (ends[:, None] - tail + torch.arange(tail, device=device)[None, :]).clamp_min(0)  # [lanes, tail]
+    hidden = x.gather(1, pos[:, :, None].expand(-1, -1, x.shape[-1]))
+    logp = torch.log_softmax(layout.from_pad(head(weights, layout.to_pad(hidden)), tail).float(), dim=-1)
+    own = logp.gather(2, tokens.gather(1, pos + 1)[:, :, None])[:, :, 0].double().cpu().numpy()
+    return [own[i, tail - min(tail, len(c) - 1):] for i, c in enumerate(contexts)]
+
+
 class StackedLanes:
     """KV caches of a batch's lanes ([rows, kv_heads, positions, head_dim] per layer, rows kept compact) and
     the composition of slots their experts occupy."""
@@ -221,8 +235,9 @@ class StackedLanes:
         self.V = [bigger(self.V[i] if self.V else None) for i in range(s.layers)]
         self.rows_cap, self.pos_cap = new_rows, new_pos
 
-    def add(self, experts: list[int], contexts: list[list[int]]):
-        """Prefill new lanes with their contexts; returns (lane ids, next-token probs float32 [n, vocab])."""
+    def add(self, experts: list[int], contexts: list[list[int]], tail: int = 0):
+        """Prefill new lanes with their contexts; returns (lane ids, next-token probs float32 [n, vocab], and per
+        lane log p of the last ``tail`` tokens of its context, oldest first: float64 [min(tail, len - 1)])."""
         import torch
 
         slots = self.b.acquire(experts)
@@ -252,7 +267,9 @@ class StackedLanes:
             x = layout.from_pad(hidden_states(self.b.stack, weights, layout, tokens, positions, attend), length)
             final = x[torch.arange(len(lanes), device=self.b.device), last][:, None, :]
             logits = layout.from_pad(head(weights, layout.to_pad(final)), 1)[:, 0]
-            return lanes, torch.softmax(logits.float(), dim=-1)
+            seen = _context_logprobs(x, weights, layout, contexts, tokens, tail) if tail else \
+                [np.zeros(0)] * len(lanes)
+            return lanes, torch.softmax(logits.float(), dim=-1), seen
 
     def step(self, lanes: list[int], tokens: list[int]):
         """The lanes consume one token each; returns next-token probs float32 [n, vocab] in input order."""

@@ -151,7 +151,8 @@ def cmd_eval(args) -> int:
     with api_server():
         results = evaluate.with_options(task_runner=runner)(str(args.run_dir), args.top_k, args.corpus,
                                                             args.text_field, args.limit, baselines, args.runner)
-    print(f"Held-out perplexity over {results['n_texts']} documents (own cluster in brackets for experts):")
+    print(f"Held-out perplexity over {results['n_texts']} documents (own cluster in brackets for experts); route "
+          f"temperature {results['route_temperature']:g}, evidence weight {results.get('evidence_weight', 0):g}:")
     for name, r in results["systems"].items():
         own = r["per_cluster"].get(str(r.get("expert")), {}).get("perplexity")
         print(f"  {name:<22} {r['perplexity']:>9.2f}  ({r['tokens']} tokens)" + (f"  [{own:.2f}]" if own else ""))

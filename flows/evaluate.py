@@ -65,10 +65,10 @@ def evaluate_run(ens, texts: list[str], top_ks: list[int], nearest: list[int] | 
     bar.close()
     temperature = ens.route_temperature
     per_text = plan.logprobs(plan.weights(ens.n_experts, temperature))
-    results = {"n_texts": len(texts), "route_temperature": temperature, "systems": {},
-               "routing_vectors": plan.vectors}
+    results = {"n_texts": len(texts), "route_temperature": temperature, "evidence_weight": ens.evidence.weight,
+               "evidence_decay": ens.evidence.decay, "systems": {}, "routing_vectors": plan.vectors}
     for top_k in sorted(set(min(k, ens.n_experts) for k in top_ks)):
-        logps = mix(plan.weights(top_k, temperature), per_text)
+        logps = mix(plan.weights(top_k, temperature), per_text, ens.evidence)
         name = prefix + ("all experts" if top_k == ens.n_experts else f"top-{top_k}")
         if ens.n_experts == 1:
             name = prefix.strip() or "the only expert"
@@ -132,7 +132,7 @@ def tune_temperature(ens, texts: list[str], grid: list[float], top_k: int) -> di
     per_text = plan.logprobs(plan.weights(top_k, grid[0]))
     rows = []
     for temperature in grid:
-        flat = np.concatenate(mix(plan.weights(top_k, temperature), per_text))
+        flat = np.concatenate(mix(plan.weights(top_k, temperature), per_text, ens.evidence))
         rows.append({"route_temperature": float(temperature), "perplexity": float(np.exp(-flat.mean()))})
     best = min(rows, key=lambda r: r["perplexity"])["route_temperature"]
     return {"top_k": top_k, "grid": rows, "best": best}

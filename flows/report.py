@@ -64,7 +64,8 @@ def write_report(run: RunDir, manifest: Manifest, label_field: str | None = None
     plot_loss_curves(run, ids, run.plots_dir / "loss_curves.png")
     lines = [f"# cbtm run `{run.root.name}`", "",
              f"Embedder `{manifest.embedder}`, {len(clusters)} experts, route temperature "
-             f"{_routing(manifest, 'route_temperature')}, default top-k {_routing(manifest, 'top_k')}. "
+             f"{_routing(manifest, 'route_temperature')}, default top-k {_routing(manifest, 'top_k')}, evidence "
+             f"weight {manifest.config.get('ensemble', {}).get('evidence_weight', 0):g}. "
              f"Corpus `{manifest.config.get('corpus', {}).get('path')}`.", "",
              clusters_markdown(run.clusters_dir, "plots"), "", *_experts_section(run, manifest, ids),
              *_router_section(run), *_growth_section(manifest), *_evaluation_section(run), *_harness_section(run)]
@@ -162,9 +163,12 @@ def _evaluation_section(run: RunDir) -> list[str]:
     results = read_json(path)
     temperature = results.get("route_temperature", results.get("temperature"))
     gain = dense_gain(results)
+    evidence = results.get("evidence_weight") or 0
+    reweighed = (f", reweighted by each expert's log-probabilities of the tokens just before it (evidence weight "
+                 f"{evidence:g}, decay {results.get('evidence_decay')})") if evidence else ""
     lines = ["", "## Held-out perplexity", "", f"Route temperature {temperature}; a token's weights "
-             "come from the text before it. \"expert i alone\": that expert on all held-out text, and on its own "
-             "cluster's.", *_baselines_note(results), *([f"**{gain}**."] if gain else []), "",
+             f"come from the text before it{reweighed}. \"expert i alone\": that expert on all held-out text, and "
+             "on its own cluster's.", *_baselines_note(results), *([f"**{gain}**."] if gain else []), "",
              "![perplexity by system](plots/perplexity.png)",
              "![perplexity per cluster](plots/perplexity_per_cluster.png)", "",
              "| system | perplexity | tokens | on its own cluster |", "|---|---:|---:|---:|"]

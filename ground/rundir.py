@@ -127,13 +127,15 @@ class Manifest:
 def fill_added_settings(config: dict | None) -> None:
     """Settings a run's config predates, filled (in place) with what that run was built with, never with today's
     defaults: no seed-phase share (`seed.pretrain_share`, default now 0.75), centroid routing
-    (`ensemble.router`, default now "prefix") and no tuned route temperature (`ensemble.tune_docs`, default now
-    200). Early schema-2 runs lack them too."""
+    (`ensemble.router`, default now "prefix"), no tuned route temperature (`ensemble.tune_docs`, default now
+    200) and no evidence reweighting (`ensemble.evidence_weight`, default now 0.5). Early schema-2 runs lack them
+    too."""
     if config and "seed" in config:
         config["seed"].setdefault("pretrain_share", 0.0)
     if config and "ensemble" in config:
         config["ensemble"].setdefault("router", "centroid")
         config["ensemble"].setdefault("tune_docs", 0)
+        config["ensemble"].setdefault("evidence_weight", 0.0)
 
 
 def migrate_v1(data: dict, root: Path) -> dict:

@@ -34,7 +34,7 @@ def add_model_routes(app: FastAPI, ens, model: str) -> None:
         experts = [{k: e[k] for k in ("cluster_id", "keywords", "size", "skipped", "removed")} for e in ens.experts]
         return {"id": model, "object": "model", "created": now(), "owned_by": "cbtm",
                 "cbtm": {"experts": experts, "top_k": ens.top_k, "route_temperature": ens.route_temperature,
-                         "context_length": ens.max_positions}}
+                         "evidence_weight": ens.evidence.weight, "context_length": ens.max_positions}}
 
     @app.get("/v1/models")
     async def models():

@@ -104,8 +104,9 @@ def test_scores_are_the_routed_mixture_of_the_experts_own_probabilities(built_ru
     ids = ens.encode(text)
     assert len(ids) > 2 * ens.route_window
     per_expert = np.stack([hf_logprobs(ens, e, ids) for e in range(3)], axis=1)
-    for top_k in (1, 2, 3):
-        expected = np.log((reference_weights(ens, ids, top_k) * np.exp(per_expert)).sum(1))
+    for top_k in (1, 2, 3):  # each token's routed weights reweighted by the experts' evidence before it
+        weights = ens.evidence.reweigh(reference_weights(ens, ids, top_k), ens.evidence.scores(per_expert))
+        expected = np.log((weights * np.exp(per_expert)).sum(1))
         np.testing.assert_allclose(ens.score(text, top_k=top_k)[0], expected, rtol=1e-5, atol=1e-6)
     assert ens.perplexity(text, top_k=3) == pytest.approx(float(np.exp(-expected.mean())), rel=1e-5)
 

@@ -95,10 +95,10 @@ def test_rerouting_refills_entering_experts_from_the_whole_context(built_run, ba
     lanes = e.backend.lanes()
     eos = e.tokenizer.eos_token_id
     seq = [eos, *e.encode("The goalkeeper")]
-    (lane,), probs = lanes.add([0], [seq])
+    (lane,), probs, _ = lanes.add([0], [seq])
     token = int(probs[0].argmax())
     later = lanes.step([lane], [token])
-    (new,), entered = lanes.add([1], [seq + [token]])  # an expert entering after one token
+    (new,), entered, _ = lanes.add([1], [seq + [token]])  # an expert entering after one token
     torch.testing.assert_close(entered[0], hf_next(e, 1, seq + [token]), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(later[0], hf_next(e, 0, seq + [token]), rtol=1e-4, atol=1e-6)
     lanes.remove([lane])
@@ -107,7 +107,8 @@ def test_rerouting_refills_entering_experts_from_the_whole_context(built_run, ba
     assert isinstance(e.generate(PROMPTS[2], max_new_tokens=12, reroute_every=3), str)
 
 
-def test_tuning_scores_each_temperature_like_scoring_at_that_temperature(ens):
+def test_tuning_scores_each_temperature_like_scoring_at_that_temperature(built_run):
+    ens = Ensemble.load(built_run, evidence_weight=0)  # the routing weights alone: uniform at a huge T
     texts = ["Knead the dough and let it rise in a warm kitchen for an hour or two. " * 2]
     result = tune_temperature(ens, texts, [0.03, 0.3, 1e6], top_k=3)
     ppl = {r["route_temperature"]: r["perplexity"] for r in result["grid"]}
