@@ -13,7 +13,8 @@ Per corpus (train split for training, test split for evaluation, read from ../sh
    its clusters in proportion to their tokens: dense (k = 1); learned clusters at each k (balanced, and with
    ``--systems`` unbalanced); random clusters with the balanced clusters' sizes.
 3. Each system is scored on the same test documents by `flows.evaluate.evaluate_run` (routing from the
-   preceding context) with top-1, top-2 and all experts; token-level perplexity, one tokenizer for all.
+   preceding context) with top-1, top-2 and all experts; token-level perplexity, one tokenizer for all. The
+   same mixtures without evidence reweighting (`ensemble.evidence`; same experts and T) are printed beside.
 
 Runs are cached under ``--out`` (a re-run only evaluates). Prints one table per corpus and the targets (best k
 >= 10% below dense, top-2 within 2% of all experts, learned >= 5% below random), writes ``OUT/paper.json`` and
@@ -137,11 +138,13 @@ def score(run: RunDir, texts: list[str], shared: dict) -> dict:
 
     ens = Ensemble.load(run.root)  # device auto: the GPU where the experts were trained on one
     r = evaluate_run(ens, texts, [1, 2, ens.n_experts], nearest=[0] * len(texts), n_clusters=1,
-                     experts_alone=False, routing_vectors=shared.get("vectors"))
+                     experts_alone=False, routing_vectors=shared.get("vectors"), without_evidence=True)
     shared["vectors"] = r.pop("routing_vectors")
-    by_k = {s["top_k"]: s["perplexity"] for s in r["systems"].values()}
+    by_k = {s["top_k"]: s["perplexity"] for s in r["systems"].values() if s.get("evidence", True)}
+    off = {s["top_k"]: s["perplexity"] for s in r["systems"].values() if not s.get("evidence", True)}
     return {"top-1": by_k[1], "top-2": by_k.get(2, by_k[1]), "all": by_k[ens.n_experts], "tokens":
-            next(iter(r["systems"].values()))["tokens"], "n_experts": ens.n_experts}
+            next(iter(r["systems"].values()))["tokens"], "n_experts": ens.n_experts,
+            "T": r["route_temperature"], "top-2 β=0": off.get(2, off.get(1)), "all β=0": off.get(ens.n_experts)}
 
 
 def run_corpus(corpus: str, ks: list[int], args) -> list[dict]:
@@ -172,7 +175,8 @@ def run_corpus(corpus: str, ks: list[int], args) -> list[dict]:
                "train_s": None if train_s is None else round(train_s, 1), "eval_s": round(time.perf_counter() - t, 1)}
         rows.append(row)
         print(f"[{corpus}] {name:<18} k={k:<2} top-1 {row['top-1']:8.2f}  top-2 {row['top-2']:8.2f}  "
-              f"all {row['all']:8.2f}  ({_secs(row['train_s'])} train, {row['eval_s']:.0f}s eval)", flush=True)
+              f"all {row['all']:8.2f}  without evidence {_ppl(row['top-2 β=0'])} / {_ppl(row['all β=0'])}  "
+              f"({_secs(row['train_s'])} train, {row['eval_s']:.0f}s eval)", flush=True)
     print(f"[{corpus}] {n_train} training documents, {len(texts)} test documents, {rows[0]['tokens']} test tokens, "
           f"{time.perf_counter() - t0:.0f}s", flush=True)
     return rows
@@ -218,12 +222,18 @@ def _secs(train_s: float | None) -> str:
     return "cached" if train_s is None else f"{train_s:.0f}s"
 
 
+def _ppl(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
 def print_table(rows: list[dict]) -> None:
-    print("\n| corpus | system | k | top-1 | top-2 | all experts | train | eval |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    """Markdown; "without evidence": the same experts and T with `ensemble.evidence_weight` 0."""
+    print("\n| corpus | system | k | T | top-1 | top-2 | all experts | top-2 / all without evidence | train | eval |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['corpus']} | {r['system']} | {r['k']} | {r['top-1']:.2f} | {r['top-2']:.2f} | {r['all']:.2f} | "
-              f"{_secs(r['train_s'])} | {r['eval_s']:.0f}s |")
+        print(f"| {r['corpus']} | {r['system']} | {r['k']} | {r['T']:g} | {r['top-1']:.2f} | {r['top-2']:.2f} | "
+              f"{r['all']:.2f} | {_ppl(r['top-2 β=0'])} / {_ppl(r['all β=0'])} | {_secs(r['train_s'])} | "
+              f"{r['eval_s']:.0f}s |")
 
 
 def plot(rows: list[dict], path: Path, budget: int) -> None:
