@@ -6,7 +6,8 @@ routed expert's own `model.generate`, all measured in this process and run.
 Per run (the demo run and an 8-expert run of the 8m preset, built here if missing), batch 1, greedy,
 ``--tokens`` new tokens, systems interleaved prompt by prompt (best of ``--repeats``):
   * tokens/s of `Ensemble.generate` at top_k = 1, 2, 4 with the stacked backend and with the sequential one;
-  * the cost of top-2 and top-4 relative to top-1 (targets: <= 1.3x and <= 2.4x with stacking);
+  * the cost of top-2 and top-4 relative to top-1 (targets: <= 1.3x and <= 2.4x with stacking), and of the
+    evidence reweighting (the stacked backend with `evidence_weight=0` beside it);
   * top-1 against the routed expert's own `model.generate` (target >= 1.0x, aim 1.2x) and identical greedy text;
   * peak RSS with every expert of the 8-expert run resident, stacked vs sequential (subprocesses: the stacked
     weights are not held twice).
@@ -40,10 +41,12 @@ def hf_generate(ens, expert: int, prompt: str, tokens: int):
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True), out.shape[1] - ids.shape[1]
 
 
-def measure(stacked, sequential, tokens: int, repeats: int) -> dict:
-    """Best time per prompt of every system, interleaved so that load from other processes hits all alike."""
+def measure(stacked, sequential, plain, tokens: int, repeats: int) -> dict:
+    """Best time per prompt of every system, interleaved so that load from other processes hits all alike;
+    ``plain``: the stacked backend with evidence reweighting off (what the evidence costs)."""
     ks = [k for k in (1, 2, 4) if k <= stacked.n_experts]
-    systems = {(b, k): e for b, e in (("stacked", stacked), ("sequential", sequential)) for k in ks}
+    backends = (("stacked", stacked), ("sequential", sequential), ("stacked, no evidence", plain))
+    systems = {(b, k): e for b, e in backends for k in ks}
     best = {name: [float("inf")] * len(PROMPTS) for name in [*systems, "hf"]}
     counts = {name: [1] * len(PROMPTS) for name in best}
     same = True
@@ -90,13 +93,16 @@ def report(name: str, result: dict) -> None:
     rate, ks = result["rate"], result["ks"]
     print(f"\n{name}: batch 1, greedy")
     print(f"{'system':<34} {'tokens/s':>10} {'cost vs top-1':>14}")
-    for backend in ("stacked", "sequential"):
+    for backend in ("stacked", "sequential", "stacked, no evidence"):
         for k in ks:
             cost = rate[(backend, 1)] / rate[(backend, k)]
             print(f"{backend + f' top_k={k}':<34} {rate[(backend, k)]:>10.1f} {cost:>13.2f}x")
     print(f"{'routed expert model.generate':<34} {rate['hf']:>10.1f}")
     print(f"top-1 stacked / model.generate: {rate[('stacked', 1)] / rate['hf']:.2f}x (target >= 1.0x, aim 1.2x); "
           f"stacked / sequential at top-2: {rate[('stacked', 2)] / rate[('sequential', 2)]:.2f}x")
+    for k in ks[1:]:
+        print(f"  evidence reweighting at top-{k}: {rate[('stacked, no evidence', k)] / rate[('stacked', k)]:.2f}x "
+              "the time without it")
     targets = {2: 1.3, 4: 2.4}
     for k in ks[1:]:
         cost = rate[("stacked", 1)] / rate[("stacked", k)]
@@ -122,7 +128,9 @@ def main() -> None:
     for run, clusters, preset in ((Path(args.run), 6, None), (Path(args.run8), 8, "8m")):
         ensure_run(run, clusters, preset)
         stacked, sequential = Ensemble.load(run, backend="stacked"), Ensemble.load(run, backend="sequential")
-        report(f"{run} ({stacked.n_experts} experts)", measure(stacked, sequential, args.tokens, args.repeats))
+        plain = Ensemble.load(run, backend="stacked", evidence_weight=0)
+        report(f"{run} ({stacked.n_experts} experts, evidence weight {stacked.evidence.weight:g})",
+               measure(stacked, sequential, plain, args.tokens, args.repeats))
     for mode in ("sequential", "stacked", "stacked-subset"):
         out = subprocess.run([sys.executable, __file__, "--rss-child", args.run8, mode], capture_output=True,
                              text=True, check=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
