@@ -132,19 +132,40 @@ def test_texts(data: Path, corpus: str, n: int, chars: int) -> list[str]:
 
 
 def score(run: RunDir, texts: list[str], shared: dict) -> dict:
-    """top-1, top-2 and all-experts perplexity of one system; routing vectors shared between systems."""
+    """top-1, top-2 and all-experts perplexity of one system, and top-2 and all experts without evidence
+    reweighting; routing vectors shared between systems."""
     from ensemble import Ensemble
     from flows.evaluate import evaluate_run
 
     ens = Ensemble.load(run.root)  # device auto: the GPU where the experts were trained on one
     r = evaluate_run(ens, texts, [1, 2, ens.n_experts], nearest=[0] * len(texts), n_clusters=1,
-                     experts_alone=False, routing_vectors=shared.get("vectors"), without_evidence=True)
+                     experts_alone=False, routing_vectors=shared.get("vectors"))
     shared["vectors"] = r.pop("routing_vectors")
-    by_k = {s["top_k"]: s["perplexity"] for s in r["systems"].values() if s.get("evidence", True)}
-    off = {s["top_k"]: s["perplexity"] for s in r["systems"].values() if not s.get("evidence", True)}
-    return {"top-1": by_k[1], "top-2": by_k.get(2, by_k[1]), "all": by_k[ens.n_experts], "tokens":
-            next(iter(r["systems"].values()))["tokens"], "n_experts": ens.n_experts,
-            "T": r["route_temperature"], "top-2 β=0": off.get(2, off.get(1)), "all β=0": off.get(ens.n_experts)}
+    by_k = {s["top_k"]: s["perplexity"] for s in r["systems"].values()}
+    out = {"top-1": by_k[1], "top-2": by_k.get(2, by_k[1]), "all": by_k[ens.n_experts], "tokens":
+           next(iter(r["systems"].values()))["tokens"], "n_experts": ens.n_experts, "T": r["route_temperature"],
+           "T β=0": None, "top-2 β=0": None, "all β=0": None}
+    if ens.evidence.on and ens.n_experts > 1:
+        out.update(without_evidence(run, texts, shared))
+    return out
+
+
+def without_evidence(run: RunDir, texts: list[str], shared: dict) -> dict:
+    """The same experts with `ensemble.evidence_weight` 0 at the T the build would have tuned for that (on the
+    same held-out documents): its top-2 and all-experts perplexity."""
+    from ensemble import Ensemble
+    from ensemble.config import DEFAULT_TEMPERATURE
+    from flows.evaluate import evaluate_run
+    from flows.tuning import choose_temperature, tuning_texts
+
+    cfg = PipelineConfig.from_dict(run.read_manifest().config).ensemble
+    plain = Ensemble.load(run.root, evidence_weight=0)
+    tuned = choose_temperature(plain, tuning_texts(run.corpus_path, cfg.tune_docs), DEFAULT_TEMPERATURE[cfg.router])
+    plain = Ensemble.load(run.root, evidence_weight=0, route_temperature=tuned["best"])
+    r = evaluate_run(plain, texts, [2, plain.n_experts], nearest=[0] * len(texts), n_clusters=1,
+                     experts_alone=False, routing_vectors=shared["vectors"])
+    by_k = {s["top_k"]: s["perplexity"] for s in r["systems"].values()}
+    return {"T β=0": tuned["best"], "top-2 β=0": by_k[2], "all β=0": by_k[plain.n_experts]}
 
 
 def run_corpus(corpus: str, ks: list[int], args) -> list[dict]:
@@ -174,8 +195,10 @@ def run_corpus(corpus: str, ks: list[int], args) -> list[dict]:
         row = {"corpus": corpus, "system": name, "k": k, **score(run, texts, shared),
                "train_s": None if train_s is None else round(train_s, 1), "eval_s": round(time.perf_counter() - t, 1)}
         rows.append(row)
+        plain = "" if row["T β=0"] is None else \
+            f"  without evidence (T {row['T β=0']:g}) {row['top-2 β=0']:.2f} / {row['all β=0']:.2f}"
         print(f"[{corpus}] {name:<18} k={k:<2} top-1 {row['top-1']:8.2f}  top-2 {row['top-2']:8.2f}  "
-              f"all {row['all']:8.2f}  without evidence {_ppl(row['top-2 β=0'])} / {_ppl(row['all β=0'])}  "
+              f"all {row['all']:8.2f}{plain}  "
               f"({_secs(row['train_s'])} train, {row['eval_s']:.0f}s eval)", flush=True)
     print(f"[{corpus}] {n_train} training documents, {len(texts)} test documents, {rows[0]['tokens']} test tokens, "
           f"{time.perf_counter() - t0:.0f}s", flush=True)
@@ -222,18 +245,15 @@ def _secs(train_s: float | None) -> str:
     return "cached" if train_s is None else f"{train_s:.0f}s"
 
 
-def _ppl(value: float | None) -> str:
-    return "–" if value is None else f"{value:.2f}"
-
-
 def print_table(rows: list[dict]) -> None:
-    """Markdown; "without evidence": the same experts and T with `ensemble.evidence_weight` 0."""
-    print("\n| corpus | system | k | T | top-1 | top-2 | all experts | top-2 / all without evidence | train | eval |")
+    """Markdown; "without evidence": the same experts with `ensemble.evidence_weight` 0, at their own tuned T."""
+    print("\n| corpus | system | k | T | top-1 | top-2 | all experts | without evidence: T, top-2 / all | train "
+          "| eval |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        plain = "–" if r["T β=0"] is None else f"{r['T β=0']:g}, {r['top-2 β=0']:.2f} / {r['all β=0']:.2f}"
         print(f"| {r['corpus']} | {r['system']} | {r['k']} | {r['T']:g} | {r['top-1']:.2f} | {r['top-2']:.2f} | "
-              f"{r['all']:.2f} | {_ppl(r['top-2 β=0'])} / {_ppl(r['all β=0'])} | {_secs(r['train_s'])} | "
-              f"{r['eval_s']:.0f}s |")
+              f"{r['all']:.2f} | {plain} | {_secs(r['train_s'])} | {r['eval_s']:.0f}s |")
 
 
 def plot(rows: list[dict], path: Path, budget: int) -> None:

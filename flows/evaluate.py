@@ -49,7 +49,7 @@ def _system(logps: list[np.ndarray], nearest: list[int], n_clusters: int, **extr
 
 def evaluate_run(ens, texts: list[str], top_ks: list[int], nearest: list[int] | None = None,
                  n_clusters: int | None = None, prefix: str = "", experts_alone: bool = True,
-                 routing_vectors: np.ndarray | None = None, without_evidence: bool = False) -> dict:
+                 routing_vectors: np.ndarray | None = None) -> dict:
     """Perplexity of the ensemble at each top-k and of each expert alone, overall and per cluster.
 
     Every expert runs once over every text; each system is then a different mixture of the same
@@ -57,8 +57,6 @@ def evaluate_run(ens, texts: list[str], top_ks: list[int], nearest: list[int] | 
     ``n_clusters`` (default: this run's) define the per-cluster breakdown, so that a baseline is reported
     on the clusters of the run it is compared with; ``prefix`` names its systems ("dense ", "random ").
     ``results["routing_vectors"]`` (not JSON: pop it) can be passed to the next call over the same texts.
-    ``without_evidence``: with the run's evidence on, each top-k is also reported with it off ("... without
-    evidence", same experts, same temperature).
     """
     if nearest is None:
         nearest, n_clusters = [r[0][0] for r in ens.route(texts, top_k=1)], ens.n_clusters
@@ -75,9 +73,6 @@ def evaluate_run(ens, texts: list[str], top_ks: list[int], nearest: list[int] | 
         if ens.n_experts == 1:
             name = prefix.strip() or "the only expert"
         results["systems"][name] = _system(mix(weights, per_text, ens.evidence), nearest, n_clusters, top_k=top_k)
-        if without_evidence and ens.evidence.on and ens.n_experts > 1:
-            results["systems"][f"{name} without evidence"] = _system(mix(weights, per_text), nearest, n_clusters,
-                                                                     top_k=top_k, evidence=False)
         log.info("eval: %-20s perplexity %.2f", name, results["systems"][name]["perplexity"])
     for expert in ens.active.tolist() if experts_alone else []:
         results["systems"][f"expert {expert} alone"] = _system([lp[expert] for lp in per_text], nearest,

@@ -52,17 +52,24 @@ def wants_tuning(cfg: PipelineConfig, manifest: Manifest) -> bool:
     return cfg.ensemble.route_temperature is None and cfg.ensemble.tune_docs > 0 and entry.get("source") != "tuned"
 
 
+def choose_temperature(ens: Ensemble, texts: list[str], default: float) -> dict:
+    """`tune_temperature` at ``ens.top_k`` over `TUNE_SCALES` x the router's ``default`` T; ``"best"`` stays the
+    default unless another T lowers the perplexity of ``texts`` by `MIN_GAIN`."""
+    results = tune_temperature(ens, texts, [round(default * s, 6) for s in TUNE_SCALES], ens.top_k)
+    ppl = {r["route_temperature"]: r["perplexity"] for r in results["grid"]}
+    if ppl[default] <= ppl[results["best"]] * (1 + MIN_GAIN):  # a confident router: T changes next to nothing
+        results["best"] = default
+    return results
+
+
 def auto_tune(run: RunDir, manifest: Manifest, cfg: PipelineConfig, texts: list[str]) -> float:
     """Score ``texts`` with the run (its experts all recorded) at every candidate T; record the best in
     ``manifest.routing`` (the caller persists it) and write eval/temperature.json and plots/temperature.png.
     Returns the chosen T."""
     ens = Ensemble.load(run.root, device="auto", unfinished=True)
     default = DEFAULT_TEMPERATURE[cfg.ensemble.router]
-    grid = [round(default * s, 6) for s in TUNE_SCALES]
-    results = tune_temperature(ens, texts, grid, ens.top_k)
+    results = choose_temperature(ens, texts, default)
     ppl = {r["route_temperature"]: r["perplexity"] for r in results["grid"]}
-    if ppl[default] <= ppl[results["best"]] * (1 + MIN_GAIN):  # a confident router: T changes next to nothing
-        results["best"] = default
     results.update(source="auto", n_docs=len(texts), min_gain=MIN_GAIN)
     manifest.routing = auto_routing(manifest.routing, results["best"])
     atomic_write_text(run.temperature_path, json.dumps(results, indent=2) + "\n")

@@ -10,7 +10,6 @@ from ensemble import Ensemble
 from ensemble.evidence import EVIDENCE_TOKENS, Evidence
 from ensemble.sampling import Sampling
 from ensemble.scoring import mix
-from flows.evaluate import evaluate_run
 
 logps = arrays(np.float64, st.tuples(st.integers(1, 70), st.integers(1, 4)), elements=st.floats(-12, 0))
 
@@ -96,15 +95,6 @@ def test_scoring_reweighs_each_token_by_the_experts_own_log_probabilities_before
     np.testing.assert_allclose(plain.score([TEXT], top_k=3)[0], mix(weights, per_text)[0], rtol=1e-9)
     assert not np.allclose(expected, mix(weights, per_text)[0])  # the evidence moved the weights
     assert mix(weights, per_text, Evidence(0.0))[0].tolist() == mix(weights, per_text)[0].tolist()
-
-
-def test_evaluation_reports_each_mixture_with_and_without_evidence(ens, built_run):
-    both = evaluate_run(ens, [TEXT], [2], experts_alone=False, without_evidence=True)["systems"]
-    plain = evaluate_run(Ensemble.load(built_run, evidence_weight=0), [TEXT], [2], experts_alone=False,
-                         without_evidence=True)["systems"]
-    assert set(both) == {"top-2", "top-2 without evidence"} and set(plain) == {"top-2"}
-    assert both["top-2 without evidence"]["perplexity"] == pytest.approx(plain["top-2"]["perplexity"], rel=1e-12)
-    assert both["top-2"]["perplexity"] != pytest.approx(plain["top-2"]["perplexity"], rel=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["stacked", "sequential"])
