@@ -59,9 +59,12 @@ class Evidence:
 
     def score_of(self, recent) -> float:
         """S for the next token from one expert's log-probabilities of the tokens before it, oldest first
-        (only the last EVIDENCE_TOKENS count)."""
-        tail = np.asarray(recent, dtype=np.float64)[::-1][:EVIDENCE_TOKENS]
-        return float(np.dot(self.kernel()[: len(tail)], tail))
+        (only the last EVIDENCE_TOKENS count). Plain Python: generation calls it per expert per token."""
+        score, factor = 0.0, 1.0
+        for logp in reversed(list(recent)[-EVIDENCE_TOKENS:]):
+            score += factor * logp
+            factor *= self.decay
+        return score
 
     def reweigh(self, weights: np.ndarray, scores: np.ndarray) -> np.ndarray:
         """Rows of ``weights`` float [n, k] (rows sum to 1) times exp(weight · ``scores`` [n, k]), renormalised
@@ -78,10 +81,12 @@ class Evidence:
 
     def reweigh_one(self, weights: dict[int, float], recent: dict[int, list[float]]) -> dict[int, float]:
         """`reweigh` for one position: routing weights {cluster_id: w} and each expert's log-probabilities of the
-        tokens before it (`score_of`); same keys, in the same order."""
+        tokens before it (`score_of`); same keys, in the same order. Plain Python (a row's few experts, once per
+        generated token: numpy's call overhead would dominate)."""
         if not self.on:
             return dict(weights)
-        experts = list(weights)
-        row = self.reweigh(np.array([[weights[e] for e in experts]]),
-                           np.array([[self.score_of(recent.get(e, ())) for e in experts]]))[0]
-        return {e: float(x) for e, x in zip(experts, row)}
+        logw = {e: math.log(w) + self.weight * self.score_of(recent.get(e, ())) for e, w in weights.items() if w > 0}
+        top = max(logw.values())
+        scaled = {e: math.exp(v - top) for e, v in logw.items()}
+        total = sum(scaled.values())
+        return {e: scaled[e] / total if e in scaled else 0.0 for e in weights}

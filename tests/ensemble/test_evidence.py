@@ -64,6 +64,10 @@ def test_reweighing_keeps_the_routed_set_and_favours_the_better_predictor(data, 
     better = (scores > scores[:, :1]) & (w > 0)
     assert np.all(ratio_out[better] <= ratio_in[better] * (1 + 1e-9))  # a better predictor gains on expert 0
     np.testing.assert_array_equal(Evidence(0.0).reweigh(w, scores), w)
+    for i in range(n):  # the one-position form the engine uses (a one-token history scores its own log-prob)
+        one = Evidence(weight).reweigh_one(dict(enumerate(w[i])), {e: [scores[i, e]] for e in range(k)})
+        assert list(one) == list(range(k))
+        np.testing.assert_allclose(list(one.values()), out[i], rtol=1e-9, atol=1e-300)
 
 
 @pytest.mark.parametrize("kwargs", [dict(weight=-0.1), dict(decay=1.5), dict(weight=float("inf")),
