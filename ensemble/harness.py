@@ -31,6 +31,7 @@ from lm_eval.api.registry import register_model
 
 from ensemble.api import Ensemble
 from ensemble.evidence import EVIDENCE_TOKENS
+from ensemble.scoring import mix_probs
 from ground.progress import progress
 
 log = logging.getLogger(__name__)
@@ -171,20 +172,11 @@ class CbtmLM(LM):
         float32 [len(seen), vocab]) pairs; ``seen``: the tokens those probabilities predict."""
         import torch
 
-        device = probs[0][1].device
-        target = torch.tensor(seen, device=device)[:, None]
         w = np.array([[weights[e] for e, _ in probs]] * len(seen))
-        if self.spec.evidence.on:
-            own = np.stack([torch.log(p.gather(1, target)[:, 0].double().clamp_min(1e-300)).cpu().numpy()
-                            for _, p in probs], axis=1)
-            w = self.spec.evidence.reweigh(w, self.spec.evidence.scores(own))
-        mixed = None
-        for j, (_, p) in enumerate(probs):
-            term = torch.as_tensor(w[-n_cont:, j], dtype=p.dtype, device=device)[:, None] * p[-n_cont:]
-            mixed = term if mixed is None else mixed + term
-        chosen = mixed.gather(1, target[-n_cont:])[:, 0]
-        return (float(torch.log(chosen.clamp_min(1e-30)).double().sum()),
-                bool((mixed.argmax(dim=-1) == target[-n_cont:, 0]).all()))
+        mixed = mix_probs([p for _, p in probs], seen, w, self.spec.evidence)[-n_cont:]
+        target = torch.tensor(seen[-n_cont:], device=mixed.device)
+        chosen = mixed.gather(1, target[:, None])[:, 0]
+        return (float(torch.log(chosen.clamp_min(1e-30)).double().sum()), bool((mixed.argmax(dim=-1) == target).all()))
 
     def _fit_prompt(self, context: str, max_new: int) -> str:
         """The context cut from the left so that it and ``max_new`` tokens fit the experts' context."""

@@ -111,3 +111,23 @@ def mix(weights: list[np.ndarray], per_text: list[dict[int, np.ndarray]],
             logw = np.log(used)
         out.append(np.logaddexp.reduce(logw + stacked, axis=1))
     return out
+
+
+def mix_probs(probs: list, targets: list[int], weights: np.ndarray, evidence: Evidence | None = None):
+    """The mixture's next-token probabilities (torch float32 [n, vocab]) at n positions from each used expert's
+    (``probs[j]``: float32 [n, vocab], predicting ``targets`` [n]) and their routing weights float [n, len(probs)];
+    with ``evidence`` on, the weights are first reweighted as `mix` does, from the experts' probabilities of
+    ``targets`` (so row t reads targets before t only)."""
+    import torch
+
+    device = probs[0].device
+    if evidence is not None and evidence.on:
+        target = torch.tensor(targets, device=device)[:, None]
+        own = np.stack([torch.log(p.gather(1, target)[:, 0].double().clamp_min(1e-300)).cpu().numpy()
+                        for p in probs], axis=1)
+        weights = evidence.reweigh(weights, evidence.scores(own))
+    mixed = None
+    for j, p in enumerate(probs):
+        term = torch.as_tensor(weights[:, j], dtype=p.dtype, device=device)[:, None] * p
+        mixed = term if mixed is None else mixed + term
+    return mixed

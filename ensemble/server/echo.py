@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ensemble.scoring import mix_probs
 from ensemble.server.protocol import ApiError
 
 
@@ -105,17 +106,8 @@ def prompt_logprobs(ens, encoded: list[list[int]], spec, top_n: int) -> list[tup
     out = []
     for ids, w in zip(encoded, plan.weights(spec.top_k, spec.route_temperature)):
         experts = [int(e) for e in np.flatnonzero(w.any(axis=0))]
-        all_probs = ens.backend.tail_probs([(e, [eos, *ids], len(ids)) for e in experts])
-        w = w[:, experts]
-        if spec.evidence.on:  # as `Ensemble.score`: each expert's log-probabilities of the tokens before
-            target = torch.tensor(ids, device=all_probs[0].device)[:, None]
-            own = np.stack([torch.log(p.gather(1, target)[:, 0].double().clamp_min(1e-300)).cpu().numpy()
-                            for p in all_probs], axis=1)
-            w = spec.evidence.reweigh(w, spec.evidence.scores(own))
-        mixed = None
-        for j, probs in enumerate(all_probs):
-            term = torch.as_tensor(w[:, j], dtype=probs.dtype, device=probs.device)[:, None] * probs
-            mixed = term if mixed is None else mixed + term
+        probs = ens.backend.tail_probs([(e, [eos, *ids], len(ids)) for e in experts])
+        mixed = mix_probs(probs, ids, w[:, experts], spec.evidence)  # weighted as `Ensemble.score` weighs them
         logp = torch.log(mixed.float().clamp_min(1e-30))
         chosen = logp.gather(1, torch.tensor(ids, device=logp.device)[:, None])[:, 0].tolist()
         top = None
