@@ -1,5 +1,8 @@
 """Evidence reweighting (`ensemble.evidence`): pure numpy properties, and the same weights in scoring and in
 the decoding engine of both backends."""
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -9,7 +12,9 @@ from hypothesis.extra.numpy import arrays
 from ensemble import Ensemble
 from ensemble.evidence import EVIDENCE_TOKENS, Evidence
 from ensemble.sampling import Sampling
-from ensemble.scoring import mix
+from ensemble.scoring import mix, window_starts, window_weights
+
+FLOOR = Path(__file__).resolve().parents[2] / "bench" / "topk_floor.py"
 
 logps = arrays(np.float64, st.tuples(st.integers(1, 70), st.integers(1, 4)), elements=st.floats(-12, 0))
 
@@ -75,6 +80,63 @@ def test_reweighing_keeps_the_routed_set_and_favours_the_better_predictor(data, 
 def test_bad_evidence_settings(kwargs):
     with pytest.raises(ValueError, match="evidence"):
         Evidence(**kwargs)
+
+
+def load_floor():
+    spec = importlib.util.spec_from_file_location("topk_floor", FLOOR)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), n_tokens=st.integers(1, 90), n=st.integers(2, 6), window=st.integers(1, 40))
+def test_the_benchs_best_choice_of_k_experts(data, n_tokens, n, window):
+    """bench/topk_floor.py's floor: without evidence its choice is the router's own top-k (the scoring code's
+    window weights); with evidence it keeps, at each routed token, the k experts the posterior weighs most."""
+    best_choice = load_floor().best_choice
+    k = data.draw(st.integers(1, n))
+    starts = window_starts(n_tokens, window, (4,))
+    owners = [(0, s, e) for s, e in zip(starts, [*starts[1:], n_tokens])]
+    spans = [(s, e) for _, s, e in owners]
+    # distinct logits (a tie may be broken either way by the router and by the bench)
+    logits = data.draw(arrays(np.int64, (len(owners), n), elements=st.integers(-3000, 0), unique=True)) / 100 \
+        if owners else None
+    prior = (np.arange(n), np.full(n, 1.0 / n))
+    weigh = lambda top: window_weights([n_tokens], n, owners, logits, top, np.arange(n), prior)[0]  # noqa: E731
+    every = weigh(n)
+    lp = data.draw(arrays(np.float64, (n_tokens, n), elements=st.floats(-12, 0)))
+    for per_token in (False, True):
+        np.testing.assert_allclose(best_choice(every, lp, Evidence(0.0), k, spans, per_token), weigh(k), atol=1e-12)
+        np.testing.assert_allclose(best_choice(every, lp, Evidence(0.5), n, spans, per_token), every, rtol=1e-12)
+    ev = Evidence(0.5, 0.8)
+    chosen = best_choice(every, lp, ev, k, spans, per_token=True)
+    posterior = ev.reweigh(every, ev.scores(lp))
+    np.testing.assert_allclose(chosen.sum(1), 1.0, rtol=1e-9)
+    for t in range(n_tokens):
+        kept = chosen[t] > 0
+        if spans and t >= spans[0][0]:
+            assert kept.sum() == k and posterior[t][kept].min() >= posterior[t][~kept].max(initial=0.0)
+            np.testing.assert_allclose(chosen[t][kept], every[t][kept] / every[t][kept].sum(), rtol=1e-9)
+        else:  # a text's first window keeps every expert
+            np.testing.assert_allclose(chosen[t], every[t], rtol=1e-12)
+    held = best_choice(every, lp, ev, k, spans)  # per window: the choice at its first token, to its end
+    for s, e in spans:
+        np.testing.assert_array_equal(held[s:e] > 0, np.broadcast_to(chosen[s] > 0, (e - s, n)))
+
+
+def test_the_benchs_best_choice_per_window_holds_while_per_token_follows_the_evidence():
+    best_choice = load_floor().best_choice
+    every = np.tile([0.7, 0.3], (24, 1))  # the router prefers expert 0 throughout
+    lp = np.tile([-1.0, -1.0], (24, 1))
+    lp[10:, 0] = -6.0  # from token 10 on, expert 1 predicts far better
+    spans = [(8, 16), (16, 24)]
+    per_window, per_token = (best_choice(every, lp, Evidence(0.5), 1, spans, t) for t in (False, True))
+    for chosen in (per_window, per_token):
+        np.testing.assert_array_equal(chosen[:8], every[:8])  # the first window: every expert
+        assert chosen[8, 0] == 1 and chosen[16, 1] == 1  # no evidence yet at 8; by 16, expert 1
+    np.testing.assert_array_equal(per_window[8:16, 0], 1.0)  # held to the window's end
+    assert per_token[12, 1] == 1  # switched inside the window
 
 
 @pytest.fixture(scope="module")
