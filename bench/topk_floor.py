@@ -95,7 +95,13 @@ def main(argv=None) -> int:
     p.add_argument("--ks", default="1,2,3", help="numbers of experts chosen per token")
     args = p.parse_args(argv)
     start = time.perf_counter()
-    ens = Ensemble.load(args.run)
+    if not (args.data / args.corpus / "test.jsonl.gz").is_file():
+        p.error(f"no test split {args.data / args.corpus / 'test.jsonl.gz'}: pass the corpus bench/paper.py scored "
+                "(a folder of --data)")
+    try:
+        ens = Ensemble.load(args.run)
+    except (OSError, ValueError) as err:  # IncompatibleRunError is a ValueError
+        p.error(str(err))
     texts = test_texts(args.data, args.corpus, args.eval_docs, args.eval_chars)
     rows = floors(ens, texts, [int(k) for k in args.ks.split(",") if 0 < int(k) < ens.n_experts])
     every = rows.pop()["all experts"]
