@@ -235,8 +235,9 @@ class Ensemble:
         return self._pool.model(int(cluster_id))
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        """Embed texts with the run's embedder: float32 [n, dim], unit rows."""
-        return self._view.router.vectors(list(texts))
+        """Embed texts with the run's embedder: float32 [n, dim], unit rows (whatever the router: the prefix
+        router's own features are a sparse matrix of more than the embedding)."""
+        return np.asarray(self._embed_fn(self._view.manifest)(list(texts)))
 
     def _decode(self, ids: list[int]) -> str:
         with self._tokenizer_lock:
