@@ -100,9 +100,14 @@ def main() -> None:
     print(f"{'oracle':<9} " + " ".join(f"{'-':>6}" for _ in LENGTHS) + f" {oracle:>10.2f} {'-':>10}"
           "  (each document's own cluster's expert alone)")
     gain = 1 - ppl["prefix"][0] / ppl["centroid"][0]
-    print(f"  top-1 perplexity with the prefix router {100 * gain:.1f}% below centroid routing: "
-          f"{'met' if gain >= 0.03 else 'MISSED'} (target >= 3%); the oracle: "
-          f"{100 * (1 - oracle / ppl['centroid'][0]):.1f}% below")
+    print(f"  top-1 perplexity with the prefix router {relative(gain)} centroid routing: "
+          f"{'met' if gain >= 0.03 else 'MISSED'} (target >= 3% below); the oracle: "
+          f"{relative(1 - oracle / ppl['centroid'][0])}")
+
+
+def relative(gain: float) -> str:
+    """``0.028`` -> "2.8% below", ``-0.008`` -> "0.8% above"."""
+    return f"{100 * abs(gain):.1f}% {'below' if gain >= 0 else 'above'}"
 
 
 if __name__ == "__main__":

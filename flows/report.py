@@ -93,13 +93,15 @@ def _router_section(run: RunDir) -> list[str]:
     agree, centroid = info.get("heldout_top1_agreement"), info.get("heldout_top1_agreement_centroid", {})
     if not agree:
         return []
+    gate = dict(zip(map(str, info.get("prefix_lengths", [])), info.get("gate", [])))
+    gate_row = ["| centroid share (the gate) | " + " | ".join(_fmt(gate.get(n)) for n in agree) + " |"] if gate else []
     return ["", "## Prefix router", "",
             f"Trained on {info.get('train_prefixes')} prefixes of training documents (n-gram model counted on "
             f"{info.get('ngram_documents', 'no')} documents), calibrated temperature {info['temperature']:.3f}. "
             "Top-1 agreement with each held-out document's own cluster, from its first tokens:", "",
             "| first tokens | " + " | ".join(agree) + " |", "|---|" + "---:|" * len(agree),
             "| prefix router | " + " | ".join(f"{v:.3f}" for v in agree.values()) + " |",
-            "| centroid routing | " + " | ".join(_fmt(centroid.get(n)) for n in agree) + " |"]
+            "| centroid routing | " + " | ".join(_fmt(centroid.get(n)) for n in agree) + " |", *gate_row]
 
 
 def _growth_section(manifest: Manifest) -> list[str]:

@@ -1,11 +1,21 @@
-"""The prefix router's n-gram evidence and its trivial one-cluster form: pure numpy/scipy, no models."""
+"""The prefix router's n-gram evidence, its gate with centroid routing and its trivial one-cluster form: pure
+numpy/scipy, no models."""
 import json
 
 import numpy as np
 import pytest
 
 from ensemble.prefix_ngrams import FOLDS, MODEL_HASHED, N_HASHED, NgramCounts, NgramModel, hashed_ngrams, ngram_keys
-from ensemble.prefix_router import PrefixRouter, fit_prefix_router, prefix_features, router_is_current
+from ensemble.prefix_router import (
+    GATE_GRID,
+    PREFIX_LENGTHS,
+    PrefixRouter,
+    fit_gate,
+    fit_prefix_router,
+    gate_logits,
+    prefix_features,
+    router_is_current,
+)
 from ground.errors import IncompatibleRunError
 
 
@@ -147,3 +157,55 @@ def test_a_version_2_router_is_still_read_and_routes_by_its_dense_ngram_model(tm
     np.save(tmp_path / "r" / "ngram_log_probs.npy", log_probs[:, :100])
     with pytest.raises(IncompatibleRunError, match="damaged"):
         PrefixRouter(tmp_path / "r", np.eye(k, dim, dtype=np.float32), None, None, None)
+
+
+def test_the_gate_falls_back_to_centroids_only_where_the_router_is_worse_on_held_out_prefixes():
+    """Short prefixes: the router knows the label, the centroids guess. Long ones: the reverse. The gate keeps the
+    router for the first, gives the centroids the second, and leaves a bucket without held-out prefixes at 0."""
+    rng = np.random.default_rng(0)
+    n, k = 600, 4
+    labels = rng.integers(0, k, n)
+    buckets = np.repeat([0, 5], n // 2)  # 8 and 256 tokens; buckets 1-4 have no held-out prefixes
+    truth, noise = np.eye(k)[labels] * 4.0, rng.normal(size=(n, k)) * 2.0
+    router = np.where(buckets[:, None] == 0, truth, noise)
+    d2 = np.where(buckets[:, None] == 5, truth, noise) * 0.1  # squared-distance scale: a centroid temperature < 1
+    centroid_tau, gate = fit_gate(router, d2, labels, buckets)
+    assert len(gate) == len(PREFIX_LENGTHS) and gate[1:5] == [0.0] * 4
+    assert gate[0] <= 0.1 and gate[5] >= 0.8 and set(gate) <= {round(float(g), 4) for g in GATE_GRID}
+    blended = gate_logits(router, d2, buckets, gate, centroid_tau)
+    for b in (0, 5):
+        rows = buckets == b
+        assert (blended[rows].argmax(1) == labels[rows]).mean() >= 0.9
+    np.testing.assert_allclose(gate_logits(router, d2, buckets, [0.0] * 6, centroid_tau), router)
+    np.testing.assert_allclose(gate_logits(router, d2, buckets, [1.0] * 6, 2.0), d2 / 2.0)
+
+
+def test_a_gated_router_blends_in_centroid_routing_by_the_length_it_reads_from_its_features(tmp_path):
+    """A version-4 router whose gate gives 256-token texts wholly to the centroids: a long text routes to its
+    nearest centroid against the router's own choice, a short one by the router, at any column subset."""
+    k, dim = 3, 4
+    centroids = np.eye(k, dim, dtype=np.float32)
+    coef = np.zeros((k, dim + 14 * k + N_HASHED), np.float32)
+    coef[:, :dim] = -np.eye(k, dim) * 5  # the router prefers any cluster but the nearest one
+    (tmp_path / "r").mkdir()
+    np.save(tmp_path / "r" / "coef.npy", coef)
+    np.save(tmp_path / "r" / "intercept.npy", np.zeros(k, np.float32))
+    ngram = NgramModel([[1, 2], [3, 4], [5, 6]], np.arange(k), k).full().save(tmp_path / "r")
+    settings = {"format": "cbtm-prefix-router", "version": 4, "n_features": coef.shape[1], "n_clusters": k,
+                "temperature": 1.0, "centroid_temperature": 0.5, "gate": [0.0] * 5 + [1.0], "ngram": ngram}
+    (tmp_path / "r" / "settings.json").write_text(json.dumps(settings))
+    assert router_is_current(tmp_path / "r")
+    texts = ["a" * 300, "b" * 300, "a" * 8, "b" * 8]  # 256 tokens routed (the last 256), 8 tokens
+
+    def embed(batch):
+        return centroids[[0 if t.startswith("a") else 1 for t in batch]]
+
+    router = PrefixRouter(tmp_path / "r", centroids, embed, lambda t: [ord(c) for c in t],
+                          lambda ids: "".join(map(chr, ids)))
+    vectors = router.vectors(texts)
+    logits = router.logits(vectors, np.arange(k))
+    assert logits[:2].argmax(1).tolist() == [0, 1]  # long: the nearest centroid, -d^2 / 0.5
+    np.testing.assert_allclose(logits[0], [0.0, -4.0, -4.0], atol=1e-5)
+    assert logits[2].argmax() != 0 and logits[3].argmax() != 1  # short: the router's own (ungated) choice
+    np.testing.assert_allclose(logits[2:], vectors[2:] @ coef.T.astype(np.float64), atol=1e-5)
+    np.testing.assert_allclose(router.logits(vectors, np.array([2, 0])), logits[:, [2, 0]], atol=1e-6)

@@ -67,6 +67,8 @@ def test_build_writes_the_run_directory_contract(built_run):
     report = (built_run / "report.md").read_text()
     assert "plots/cluster_sizes.png" in report and "| 2 |" in report
     assert "## Prefix router" in report and "| centroid routing |" in report
+    gate = json.loads((built_run / "router" / "settings.json").read_text())["gate"]
+    assert len(gate) == 6 and all(0 <= g <= 1 for g in gate) and "| centroid share (the gate) |" in report
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(built_run / "experts" / "0").config.vocab_size > 0
