@@ -293,7 +293,7 @@ def _log_fit(info: dict) -> None:
         return "/".join(f"{agreement[str(n)]:.2f}" if str(n) in agreement else "-" for n in PREFIX_LENGTHS)
 
     log.info("router: prefix router on %d prefixes, temperature %.3f; held-out top-1 agreement at %s tokens: %s "
-             "(centroid routing %s; its share by the gate %s)", info["train_prefixes"], info["temperature"],
+             "(centroid routing %s); the gate's centroid share %s", info["train_prefixes"], info["temperature"],
              "/".join(map(str, PREFIX_LENGTHS)), row(info["heldout_top1_agreement"]),
              row(info["heldout_top1_agreement_centroid"]), "/".join(f"{g:g}" for g in info["gate"]))
 
