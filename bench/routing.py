@@ -5,10 +5,10 @@
 For the held-out documents of RUN (each document's own cluster: its nearest centroid), the top-1 expert chosen
 from its first 8/16/32/64/128/256 tokens by centroid routing and by the prefix router (fitted into RUN/router
 first if the run has none), and the held-out perplexity of the ensemble at top-1 and top-2 with each router
-(`cbtm eval`'s protocol: a token's weights come from the text before it). Targets (20 Newsgroups): the prefix
-router agrees >= 0.90 at 16 tokens and >= 0.95 at 32; top-1 perplexity >= 3% lower than with centroid routing.
-Also the top-1 perplexity of an oracle that knows each document's own cluster and uses that expert alone for
-every token: the best a router trained to predict the document's cluster can reach.
+(`cbtm eval`'s protocol: a token's weights come from the text before it, every expert scores the first window).
+Targets (20 Newsgroups): the prefix router agrees >= 0.90 at 16 tokens and >= 0.95 at 32; top-1 perplexity >= 3%
+lower than with centroid routing. Also the perplexity of an oracle that knows each document's own cluster and
+uses that expert alone for every token, the first window's too (with every expert there, evidence can beat it).
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ reweighting (`ensemble.evidence`), under three choices of the k experts a token 
 
 The best choices read every expert's probabilities of the tokens before, so they are not systems that run k
 experts: they show what a router could reach with these experts if it knew, for free, the evidence that only
-running every expert gives. Tokens of a text's first window (no context to route from) use every expert in
+running every expert gives. Tokens of a text's first window use every expert, weighted as routed, in
 all three, as in `ensemble.scoring`.
 """
 from __future__ import annotations
@@ -70,7 +70,8 @@ def floors(ens: Ensemble, texts: list[str], top_ks: list[int]) -> list[dict]:
     stacked = [np.stack([lp[e] for e in experts], axis=1) for lp in per_text]
     spans: list[list[tuple[int, int]]] = [[] for _ in texts]
     for ti, start, end in plan.owners:
-        spans[ti].append((start, end))
+        if start >= plan.view.config.route_window:  # the first window's early spans keep every expert
+            spans[ti].append((start, end))
     rows = []
     for k in top_ks:
         chosen = {"routed": plan.weights(k, T)}

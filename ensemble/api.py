@@ -377,10 +377,11 @@ class ScoringPlan:
         self.logits = None if vectors is None else view.router.logits(vectors, columns)
 
     def weights(self, top_k: int, route_temperature: float) -> list[np.ndarray]:
-        """Per text, dense weights float64 [n_tokens, n_clusters]."""
+        """Per text, dense weights float64 [n_tokens, n_clusters]: every listed expert over the first window,
+        top_k from the second on (`ensemble.scoring`)."""
         logits = None if self.logits is None else self.logits / route_temperature
         return window_weights([len(ids) for ids in self.encoded], len(self.view.centroids), self.owners, logits,
-                              top_k, self.columns, self.ens.prior(self.columns))
+                              top_k, self.columns, self.ens.prior(self.columns), self.view.config.route_window)
 
     def logprobs(self, weights: list[np.ndarray]) -> list[dict[int, np.ndarray]]:
         return experts_logprobs(self.ens.backend, self.ens.tokenizer.eos_token_id, self.encoded, weights)

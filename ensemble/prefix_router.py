@@ -331,7 +331,7 @@ class PrefixRouter:
     kind = "prefix"
     default_temperature = 1.0
     context_tokens = 256  # a text is routed by its last this many tokens
-    early_starts = (8, 16)  # scoring: routed after 8 and 16 tokens already, not only from the first window on
+    early_starts = (8, 16)  # scoring: weighs the first window's experts after 8 and 16 tokens already
 
     def __init__(self, directory: Path, centroids: np.ndarray, embed: Callable[[list[str]], np.ndarray],
                  encode: Callable[[str], list[int]], decode: Callable[[list[int]], str]):

@@ -2,10 +2,12 @@
 
 Routing is recomputed once per window of ``route_window`` tokens from the embedding of (at most 256) tokens
 preceding the window, so a text of n tokens costs n / route_window embeddings of bounded length (linear in n)
-instead of one per prefix. The first window has no preceding context: every expert scores it, weighted by its
-cluster's share of the training documents (a top-k guess without evidence sends most texts to the wrong
-specialists, which costs more than running all experts on one window); top-k applies from the second window
-on. Everything here takes explicit inputs: token ids, routing scores, a backend that scores (expert, ids).
+instead of one per prefix. The first window is scored by every expert: weighted by its cluster's share of the
+training documents where there is no context yet, and by the router from its early starts on (a router that
+decides from a few tokens: `ensemble.prefix_router`). A top-k guess from so little sends many texts to the
+wrong specialists, which costs more than running all experts on one window (`bench/routing.py` measures both);
+top-k applies from the second window on. Everything here takes explicit inputs: token ids, routing scores, a
+backend that scores (expert, ids).
 """
 from __future__ import annotations
 
@@ -60,11 +62,13 @@ def context_vectors(router, contexts: list[str], on_progress: Callable[[int, int
 
 def window_weights(lengths: list[int], n_clusters: int, owners: list[tuple[int, int, int]],
                    logits: np.ndarray | None, top_k: int, columns: np.ndarray,
-                   prior: tuple[np.ndarray, np.ndarray]) -> list[np.ndarray]:
+                   prior: tuple[np.ndarray, np.ndarray], every_expert_before: int = 0) -> list[np.ndarray]:
     """Per text, dense weights float64 [n_tokens, n_clusters] (rows sum to 1).
 
     ``logits`` float [n_contexts, len(columns)]: routing logits of each span's context over the cluster ids
-    ``columns`` (the experts that may serve); tokens before a text's first span take ``prior`` (ids, weights).
+    ``columns`` (the experts that may serve), top ``top_k`` kept; a span that starts before token
+    ``every_expert_before`` (the first window's early spans) keeps every column. Tokens before a text's first
+    span take ``prior`` (ids, weights).
     """
     prior_ids, prior_w = prior
     mats = []
@@ -73,10 +77,12 @@ def window_weights(lengths: list[int], n_clusters: int, owners: list[tuple[int, 
         m[:, prior_ids] = prior_w
         mats.append(m)
     if logits is not None and len(owners):
-        ids, weights = top_k_softmax(logits, top_k)
-        for (ti, start, end), row_ids, row_w in zip(owners, columns[ids], weights):
+        top = top_k_softmax(logits, top_k)
+        every = top_k_softmax(logits, logits.shape[1]) if every_expert_before > 0 else top
+        for i, (ti, start, end) in enumerate(owners):
+            ids, weights = every if start < every_expert_before else top
             mats[ti][start:end] = 0.0
-            mats[ti][start:end, row_ids] = row_w
+            mats[ti][start:end, columns[ids[i]]] = weights[i]
     return mats
 
 

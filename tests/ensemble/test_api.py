@@ -38,7 +38,7 @@ def reference_weights(ens, ids, top_k):
     """Window weights [n_tokens, n_clusters] from first principles: the tokens before the first routing point by
     cluster size, each span after by softmax(-d^2/T) over the embedding of (at most 256) tokens before it (the
     centroid router), or by the router's own `route` of that context (the prefix router, which routes after 8
-    and 16 tokens already), top-k renormalised."""
+    and 16 tokens already, over every expert inside the first window), top-k renormalised."""
     window, temperature = ens.route_window, ens.route_temperature
     sizes = json.loads((ens.run.clusters_dir / "clusters.json").read_text())["clusters"]
     prior = np.array([c["size_train_balanced"] for c in sizes], float)
@@ -51,7 +51,7 @@ def reference_weights(ens, ids, top_k):
         context = ens.tokenizer.decode(ids[max(0, start - 256):start])
         w[start:end] = 0
         if ens._view.router.kind == "prefix":
-            for c, weight in ens.route(context, top_k=top_k):
+            for c, weight in ens.route(context, top_k=top_k if start >= window else ens.n_experts):
                 w[start:end, c] = weight
             continue
         v = ens.embed([context])[0]

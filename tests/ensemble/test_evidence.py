@@ -98,12 +98,13 @@ def test_the_benchs_best_choice_of_k_experts(data, n_tokens, n, window):
     k = data.draw(st.integers(1, n))
     starts = window_starts(n_tokens, window, (4,))
     owners = [(0, s, e) for s, e in zip(starts, [*starts[1:], n_tokens])]
-    spans = [(s, e) for _, s, e in owners]
+    spans = [(s, e) for _, s, e in owners if s >= window]  # the early span at 4 keeps every expert, as routed
     # distinct logits (a tie may be broken either way by the router and by the bench)
     logits = data.draw(arrays(np.int64, (len(owners), n), elements=st.integers(-3000, 0), unique=True)) / 100 \
         if owners else None
     prior = (np.arange(n), np.full(n, 1.0 / n))
-    weigh = lambda top: window_weights([n_tokens], n, owners, logits, top, np.arange(n), prior)[0]  # noqa: E731
+    weigh = lambda top: window_weights(  # noqa: E731
+        [n_tokens], n, owners, logits, top, np.arange(n), prior, window)[0]
     every = weigh(n)
     lp = data.draw(arrays(np.float64, (n_tokens, n), elements=st.floats(-12, 0)))
     for per_token in (False, True):

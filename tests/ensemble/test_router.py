@@ -6,7 +6,7 @@ from hypothesis.extra.numpy import arrays
 from scipy.sparse import csr_matrix
 
 from ensemble.router import prior_weights, route_weights
-from ensemble.scoring import VECTOR_CHUNK, context_vectors
+from ensemble.scoring import VECTOR_CHUNK, context_vectors, window_starts, window_weights
 
 distances = arrays(np.float64, st.tuples(st.integers(1, 5), st.integers(1, 8)),
                    elements=st.floats(0, 4, allow_nan=False))
@@ -63,6 +63,30 @@ def test_prior_prefers_the_largest_clusters():
     ids, w = prior_weights(np.array([10, 30, 20]), 2)
     assert ids.tolist() == [[1, 2]]
     np.testing.assert_allclose(w, [[0.6, 0.4]])
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data(), n_tokens=st.integers(1, 80), n=st.integers(2, 6), window=st.integers(2, 40))
+def test_the_first_windows_early_spans_keep_every_expert_by_the_router(data, n_tokens, n, window):
+    """Scoring weights: the size prior before a text's first span; inside the first window (spans from a
+    router's early starts) every expert by the router's softmax; from the second window on its top-k."""
+    top_k = data.draw(st.integers(1, n))
+    starts = window_starts(n_tokens, window, (1, window // 2))
+    owners = [(0, s, e) for s, e in zip(starts, [*starts[1:], n_tokens])]
+    logits = data.draw(arrays(np.float64, (len(owners), n), elements=st.floats(-30, 0))) if owners else None
+    prior = (np.arange(n), np.arange(1.0, n + 1) / np.arange(1.0, n + 1).sum())
+    w = window_weights([n_tokens], n, owners, logits, top_k, np.arange(n), prior, window)[0]
+    np.testing.assert_allclose(w.sum(1), 1.0, rtol=1e-9)
+    first = starts[0] if starts else n_tokens
+    np.testing.assert_array_equal(w[:first], np.broadcast_to(prior[1], (first, n)))
+    for row, (_, s, e) in zip(logits if owners else [], owners):
+        softmax = np.exp(row - row.max()) / np.exp(row - row.max()).sum()
+        if s < window:
+            np.testing.assert_allclose(w[s:e], np.broadcast_to(softmax, (e - s, n)), rtol=1e-9, atol=1e-12)
+        else:
+            assert ((w[s:e] > 0).sum(1) <= top_k).all()
+            kept = w[s] > 0
+            np.testing.assert_allclose(w[s, kept], softmax[kept] / softmax[kept].sum(), rtol=1e-9)
 
 
 def _dense_fit(x: np.ndarray, y: np.ndarray, k: int, l2: float, d2_col: int, steps: int = 60):

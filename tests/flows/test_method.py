@@ -55,10 +55,13 @@ def test_the_prefix_router_serves_generation_scoring_and_tuning(method_run):
     ens = Ensemble.load(method_run)
     assert ens.manifest.config["ensemble"]["router"] == "prefix" and ens.route_temperature == 1.0
     assert ens._view.router.kind == "prefix"
-    text = "Knead the dough and let it rise in a warm kitchen. " * 3
+    text = "Knead the dough and let it rise in a warm kitchen. " * 6
     assert isinstance(ens.generate("Bread dough should rise", max_new_tokens=4), str)
-    weights = ens.scoring([text]).weights(2, 1.0)[0]
-    assert np.count_nonzero(weights[8]) <= 2 < np.count_nonzero(weights[0])  # routed after 8 tokens already
+    weights, window = ens.scoring([text]).weights(2, 1.0)[0], ens.route_window
+    assert len(weights) > window and np.count_nonzero(weights[0]) == ens.n_experts
+    # weighed by the router after 8 tokens already, by every expert to the end of the first window, then top-2
+    assert np.count_nonzero(weights[8]) == ens.n_experts and not np.allclose(weights[8], weights[0])
+    assert np.count_nonzero(weights[window]) <= 2
     result = tune_temperature(ens, [text], [0.5, 1.0], top_k=2)
     assert [r["route_temperature"] for r in result["grid"]] == [0.5, 1.0]
 
