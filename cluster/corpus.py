@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from cluster.cleaning import decodable_copies, txt_to_jsonl
 from cluster.config import CorpusConfig
+from cluster.splits import files_of_split
 from ground.errors import UserInputError
 from ground.files import atomic_write_text
 
@@ -56,10 +57,11 @@ def _suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
-def resolve_corpus_files(path: Path) -> tuple[str, list[str]]:
+def resolve_corpus_files(path: Path, split: str = "train") -> tuple[str, list[str]]:
     """Return (builder, files) for a corpus file or a directory of corpus files of one format.
 
-    builder is a `datasets` builder name, or "txt" for a directory of .txt files (searched recursively).
+    builder is a `datasets` builder name, or "txt" for a directory of .txt files (searched recursively). A
+    directory whose files name splits contributes the files of ``split`` only (`cluster.splits`).
     """
     path = Path(path)
     if not path.exists():
@@ -67,24 +69,32 @@ def resolve_corpus_files(path: Path) -> tuple[str, list[str]]:
     if path.is_file() and _suffix(path) == ".txt":
         raise UserInputError(f"corpus {path} is a single .txt file: pass the directory of .txt files "
                              "(one document each), or a JSONL, Parquet or CSV file")
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file() and _suffix(p) in FORMATS)
+    if path.is_file():
+        return _builder(path, [path]), [str(path)]
+    files = sorted(p for p in path.iterdir() if p.is_file() and _suffix(p) in FORMATS)
     if not files:
         texts = sorted(p for p in path.rglob("*.txt")
                        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
         if texts:
-            return "txt", [str(f) for f in texts]
+            return "txt", [str(f) for f in files_of_split(path, texts, split)]
         raise UserInputError(f"corpus directory {path} holds no .jsonl/.jsonl.gz/.parquet/.csv/.txt files "
                              "and is not a save_to_disk dataset")
+    files = files_of_split(path, files, split)
+    return _builder(path, files), [str(f) for f in files]
+
+
+def _builder(path: Path, files: list[Path]) -> str:
     builders = {FORMATS.get(_suffix(f)) for f in files}
     if None in builders:
         raise UserInputError(f"corpus {path}: unknown format {_suffix(files[0])!r}; supported: {SUPPORTED}")
     if len(builders) > 1:
         raise UserInputError(f"corpus directory {path} mixes formats {sorted(builders)}: keep one format per corpus")
-    return builders.pop(), [str(f) for f in files]
+    return builders.pop()
 
 
-def open_corpus(path: str | Path) -> OpenedCorpus:
-    """Open ``path`` (any supported source, see the module docstring) without loading it into RAM.
+def open_corpus(path: str | Path, split: str = "train") -> OpenedCorpus:
+    """Open ``path`` (any supported source, see the module docstring) without loading it into RAM; of a
+    directory whose files name splits, the files of ``split`` ("train" | "validation" | "test").
 
     Documents that cannot be read (undecodable bytes in a JSONL line, CSV record or .txt file; a JSON line that
     is not an object) are skipped and counted (`cluster.cleaning`).
@@ -98,7 +108,7 @@ def open_corpus(path: str | Path) -> OpenedCorpus:
     path = Path(spec)
     if path.is_dir() and any((path / m).exists() for m in SAVED_MARKERS):
         return OpenedCorpus(_load_saved(path), "disk")
-    builder, files = resolve_corpus_files(path)
+    builder, files = resolve_corpus_files(path, split)
     if all(Path(f).stat().st_size == 0 for f in files):
         raise UserInputError(f"corpus {path} is empty: it holds no documents")
     if builder == "parquet":
@@ -144,9 +154,9 @@ def _check_parquet(files: list[str]) -> None:
                                  "re-export it, or give it the suffix of its real format") from exc
 
 
-def load_corpus(path: str | Path):
-    """Open the corpus as a memory-mapped `datasets.Dataset` (not loaded into RAM)."""
-    return open_corpus(path).dataset
+def load_corpus(path: str | Path, split: str = "train"):
+    """Open the corpus as a memory-mapped `datasets.Dataset` (not loaded into RAM; see `open_corpus`)."""
+    return open_corpus(path, split).dataset
 
 
 def _load_files(builder: str, files: list[str], where: Path):

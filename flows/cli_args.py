@@ -33,8 +33,9 @@ def _run_parser(sub) -> None:
     run.add_argument("--config", metavar="FILE", help="TOML pipeline config (sections corpus, embed, cluster, seed, "
                      "train, ensemble); flags below override it (default: the config.toml of the run in "
                      "--out when it exists, else the defaults)")
-    run.add_argument("--corpus", metavar="PATH", help="JSONL(.gz)/Parquet/CSV file or a directory of them "
-                     "(default: the config's; else the demo corpus data/demo)")
+    run.add_argument("--corpus", metavar="PATH", help="JSONL(.gz)/Parquet/CSV file or a directory of them, "
+                     "its train split if its files name splits (default: the config's; else the demo corpus "
+                     "data/demo)")
     run.add_argument("--text-field", metavar="NAME", help="the field holding each document's text (default: text)")
     run.add_argument("--clusters", metavar="K", help="number of clusters = experts (default: the config's; "
                      "else 6), or auto: the best silhouette among 2,4,8,16,32 (see `cbtm clusters choose-k`)")
@@ -124,7 +125,8 @@ def _eval_parser(sub) -> None:
                         "top-1, top-2, top-4 and all experts, each expert alone, and optional baselines trained at "
                         "the run's total token budget; write RUN/eval/results.json, plots and report.md.")
     ev.add_argument("run_dir", metavar="RUN", help="a finished run directory")
-    ev.add_argument("--corpus", metavar="PATH", help="evaluate on this corpus instead of the run's held-out split")
+    ev.add_argument("--corpus", metavar="PATH", help="evaluate on this corpus instead of the run's "
+                    "held-out split (a directory whose files name splits: its test split)")
     ev.add_argument("--text-field", metavar="NAME", default=None,
                     help="text field of --corpus (default: the run's corpus.text_field)")
     ev.add_argument("--top-k", metavar="K", type=int, action="append", help="top-k to evaluate (repeatable; "
@@ -153,7 +155,8 @@ def _grow_parsers(sub) -> None:
                          "Re-running the same command resumes an interrupted add.")
     add.add_argument("run_dir", metavar="RUN", help="a finished run directory")
     add.add_argument("--corpus", metavar="NEW", required=True,
-                     help="the new documents (JSONL/Parquet/CSV, a directory of them)")
+                     help="the new documents (JSONL/Parquet/CSV, a directory of them: its train "
+                     "split if its files name splits)")
     add.add_argument("--text-field", metavar="NAME", help="text field of NEW (default: the run's corpus.text_field)")
     add.add_argument("--new-clusters", metavar="K", default="auto",
                      help="clusters the far documents form: a number (0: none, everything joins its nearest "

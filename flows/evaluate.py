@@ -18,14 +18,15 @@ log = logging.getLogger(__name__)
 
 
 def heldout_texts(ens, corpus: Path | None = None, text_field: str = "text") -> list[str]:
-    """The run's held-out documents, or every document of another corpus file."""
+    """The run's held-out documents, or every document of another corpus (of a directory whose files name
+    splits, its test split: `cluster.splits`)."""
     if corpus is None:
         texts = read_documents(ens.run.corpus_path, split="heldout", columns=["text"]).column("text").to_pylist()
         if not texts:
             raise UserInputError(f"run {ens.run.root} has no held-out documents (corpus.heldout_fraction is 0): "
                                  "pass --corpus FILE to evaluate on another corpus")
         return texts
-    ds = load_corpus(Path(corpus))
+    ds = load_corpus(Path(corpus), split="test")
     if text_field not in ds.column_names:
         raise UserInputError(f"corpus {corpus} has no field {text_field!r} (the run's text field); its fields are "
                              f"{', '.join(ds.column_names)}: pass --text-field NAME")
