@@ -40,19 +40,19 @@ def files_of_split(directory: Path, files: list[Path], split: str) -> list[Path]
     named = {f: split_of(f.relative_to(directory)) for f in files}
     if not any(named.values()):
         return files
-    chosen = [f for f in files if named[f] == split]
-    if not chosen and split == "train":
-        chosen = [f for f in files if named[f] is None]
+    # For "train" with no file naming it, the files that name no split; `named` is looked up, never searched.
+    wanted = None if split == "train" and split not in named.values() else split
+    chosen = [f for f in files if named[f] == wanted]
     if not chosen:
         found = sorted({s for s in named.values() if s})
         raise UserInputError(f"corpus directory {directory} names its files by split ({', '.join(found)}) but "
                              f"none holds the {split} split: pass the file to read as --corpus FILE")
-    left_out = [f for f in files if f not in chosen]
+    left_out = [f for f in files if named[f] != wanted]
     log.info("corpus %s: reading its %s split (%s), as `datasets` would; left out: %s (pass a file to read "
              "another)", directory, split, _names(chosen, directory), _names(left_out, directory))
     return chosen
 
 
 def _names(files: list[Path], directory: Path, shown: int = 3) -> str:
-    names = [str(f.relative_to(directory)) for f in files]
-    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+    names = ", ".join(str(f.relative_to(directory)) for f in files[:shown])
+    return names + (f" and {len(files) - shown} more" if len(files) > shown else "")
