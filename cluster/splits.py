@@ -46,7 +46,7 @@ def files_of_split(directory: Path, files: list[Path], split: str) -> list[Path]
     if not chosen:
         found = sorted({s for s in named.values() if s})
         raise UserInputError(f"corpus directory {directory} names its files by split ({', '.join(found)}) but "
-                             f"none holds the {split} split: pass the file to read as --corpus FILE")
+                             f"none holds the {split} split: pass the file to read, e.g. --corpus {files[0]}")
     left_out = [f for f in files if named[f] != wanted]
     log.info("corpus %s: reading its %s split (%s), as `datasets` would; left out: %s (pass a file to read "
              "another)", directory, split, _names(chosen, directory), _names(left_out, directory))
