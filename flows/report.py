@@ -185,15 +185,24 @@ def _evaluation_section(run: RunDir) -> list[str]:
 
 
 def dense_gain(results: dict) -> str | None:
-    """One line: the run's best ensemble system against the dense baseline (None without one)."""
+    """One line: the run's best ensemble system against the dense baseline, then its own top_k (from
+    ``results["default_top_k"]``) when that scores worse than the best; None without a dense baseline."""
     ours = {n: r for n, r in results["systems"].items() if "baseline" not in r and r.get("expert") is None}
     dense = [r["perplexity"] for r in results["systems"].values() if r.get("baseline") == "dense"]
     if not ours or not dense:
         return None
     name = min(ours, key=lambda n: ours[n]["perplexity"])
     best, base = ours[name]["perplexity"], min(dense)
-    return (f"Best ensemble ({name}) {best:.2f} vs dense {base:.2f}: {100 * (best - base) / base:+.1f}% perplexity "
+    line = (f"Best ensemble ({name}) {best:.2f} vs dense {base:.2f}: {100 * (best - base) / base:+.1f}% perplexity "
             f"({'better' if best <= base else 'worse'} than dense at the same total tokens)")
+    # The best system is often "all experts"; what query, serve and Ensemble.load run is the run's own top_k.
+    served = [n for n, r in ours.items() if r.get("top_k") == results.get("default_top_k")]
+    ppl = ours[served[0]]["perplexity"] if served else best
+    if ppl <= best:  # the served system is the best one (or ties with it)
+        return line
+    verdict = "better than dense" if ppl <= base else "worse than dense: pass a larger --top-k or build fewer clusters"
+    return (f"{line}; the run's {served[0]}, which query and serve use, {ppl:.2f}: "
+            f"{100 * (ppl - base) / base:+.1f}% ({verdict})")
 
 
 def budget_words(baseline: dict) -> str:

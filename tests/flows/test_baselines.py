@@ -10,7 +10,7 @@ from ensemble import Ensemble
 from ensemble.prefix_router import VERSION as ROUTER_VERSION
 from flows.baselines import parse_baselines, plan_baseline, plan_derived
 from flows.cli import main
-from flows.report import budget_words
+from flows.report import budget_words, dense_gain
 from flows.tuning import tuning_texts
 from ground.errors import UserInputError
 from ground.rundir import RunDir
@@ -59,6 +59,9 @@ def test_eval_with_baselines_at_the_same_budget_is_reported_and_then_cached(base
     ours = min(r["perplexity"] for n, r in results["systems"].items() if n in ("top-1", "top-2", "all experts"))
     gain = 100 * (ours - results["systems"]["dense"]["perplexity"]) / results["systems"]["dense"]["perplexity"]
     assert f"vs dense {results['systems']['dense']['perplexity']:.2f}: {gain:+.1f}% perplexity" in out
+    # The run's own top_k (what query and serve mix) is compared with dense too, unless it is the best already.
+    assert results["default_top_k"] == Ensemble.load(run_copy).top_k == 2
+    assert ("the run's top-2, which query and serve use" in out) == (ours != results["systems"]["top-2"]["perplexity"])
     # Every system is reported on the parent's clusters, with token counts that match across systems.
     assert set(results["systems"]["dense"]["per_cluster"]) <= {"0", "1", "2"}
     assert results["systems"]["dense"]["tokens"] == results["systems"]["top-1"]["tokens"]
@@ -142,3 +145,23 @@ def test_budget_words_count_the_seed_phase_when_the_results_know_it():
         "3,072 training tokens after the shared seed phase of 8,576 (11,648 in all)")
     assert budget_words({"budget_tokens": 3072, "seed_tokens": 0}) == "3,072 training tokens in all"
     assert budget_words({"budget_tokens": 3072}) == "3,072 training tokens besides any shared seed phase"
+
+
+def test_dense_gain_also_judges_the_top_k_the_run_serves():
+    def results(top2: float, default_top_k: int | None = 2) -> dict:
+        systems = {"top-1": {"top_k": 1, "perplexity": 170.0}, "top-2": {"top_k": 2, "perplexity": top2},
+                   "all experts": {"top_k": 8, "perplexity": 120.0},
+                   "expert 0 alone": {"expert": 0, "perplexity": 90.0},
+                   "dense": {"top_k": 1, "perplexity": 137.5, "baseline": "dense"}}
+        return {"systems": systems, "default_top_k": default_top_k}
+
+    worse = dense_gain(results(144.5))
+    assert worse.startswith("Best ensemble (all experts) 120.00 vs dense 137.50: -12.7% perplexity (better than dense")
+    assert worse.endswith("; the run's top-2, which query and serve use, 144.50: +5.1% (worse than dense: pass a "
+                          "larger --top-k or build fewer clusters)")
+    assert dense_gain(results(137.0)).endswith("top-2, which query and serve use, 137.00: -0.4% (better than dense)")
+    # Nothing to add when the served system is the best one, or when the results predate default_top_k.
+    assert "query and serve" not in dense_gain(results(110.0))
+    assert "query and serve" not in dense_gain(results(120.0))  # a tie with the best: nothing to add
+    assert "query and serve" not in dense_gain(results(144.5, default_top_k=None))
+    assert dense_gain({"systems": results(144.5)["systems"] | {"dense": {"top_k": 1, "perplexity": 1.0}}}) is None
