@@ -196,12 +196,13 @@ def dense_gain(results: dict) -> str | None:
     line = (f"Best ensemble ({name}) {best:.2f} vs dense {base:.2f}: {100 * (best - base) / base:+.1f}% perplexity "
             f"({'better' if best <= base else 'worse'} than dense at the same total tokens)")
     # The best system is often "all experts"; what query, serve and Ensemble.load run is the run's own top_k.
-    served = [n for n, r in ours.items() if r.get("top_k") == results.get("default_top_k")]
-    ppl = ours[served[0]]["perplexity"] if served else best
-    if ppl <= best:  # the served system is the best one (or ties with it)
+    served = next((n for n, r in ours.items() if r.get("top_k") == results.get("default_top_k")), None)
+    # Compared as printed: a top-2 0.001 above top-1 would otherwise repeat the same figure as "worse".
+    if served is None or round(ours[served]["perplexity"], 2) <= round(best, 2):
         return line
+    ppl = ours[served]["perplexity"]
     verdict = "better than dense" if ppl <= base else "worse than dense: pass a larger --top-k or build fewer clusters"
-    return (f"{line}; the run's {served[0]}, which query and serve use, {ppl:.2f}: "
+    return (f"{line}; the run's {served}, which query and serve use, {ppl:.2f}: "
             f"{100 * (ppl - base) / base:+.1f}% ({verdict})")
 
 

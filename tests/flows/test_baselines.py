@@ -61,7 +61,8 @@ def test_eval_with_baselines_at_the_same_budget_is_reported_and_then_cached(base
     assert f"vs dense {results['systems']['dense']['perplexity']:.2f}: {gain:+.1f}% perplexity" in out
     # The run's own top_k (what query and serve mix) is compared with dense too, unless it is the best already.
     assert results["default_top_k"] == Ensemble.load(run_copy).top_k == 2
-    assert ("the run's top-2, which query and serve use" in out) == (ours != results["systems"]["top-2"]["perplexity"])
+    top2 = results["systems"]["top-2"]["perplexity"]
+    assert ("the run's top-2, which query and serve use" in out) == (f"{ours:.2f}" != f"{top2:.2f}")
     # Every system is reported on the parent's clusters, with token counts that match across systems.
     assert set(results["systems"]["dense"]["per_cluster"]) <= {"0", "1", "2"}
     assert results["systems"]["dense"]["tokens"] == results["systems"]["top-1"]["tokens"]
@@ -163,5 +164,7 @@ def test_dense_gain_also_judges_the_top_k_the_run_serves():
     # Nothing to add when the served system is the best one, or when the results predate default_top_k.
     assert "query and serve" not in dense_gain(results(110.0))
     assert "query and serve" not in dense_gain(results(120.0))  # a tie with the best: nothing to add
+    assert "query and serve" not in dense_gain(results(120.004))  # a tie as printed (120.00) too
+    assert "which query and serve use, 120.01: " in dense_gain(results(120.006))
     assert "query and serve" not in dense_gain(results(144.5, default_top_k=None))
     assert dense_gain({"systems": results(144.5)["systems"] | {"dense": {"top_k": 1, "perplexity": 1.0}}}) is None
