@@ -77,7 +77,8 @@ def _evaluate(run: RunDir, top_ks, corpus, text_field, limit, baselines, runner)
         raise UserInputError(f"--top-k {bad[0]} is out of range: this run has {ens.n_experts} experts")
     texts = heldout_texts(ens, Path(corpus) if corpus else None, text_field or cfg.corpus.text_field)[:limit]
     results = task(evaluate_run, name="score", cache_policy=NO_CACHE)(ens, texts, top_ks)
-    results.update(clusters=list(range(ens.n_clusters)), baselines={}, default_top_k=ens.top_k)
+    results.update(clusters=list(range(ens.n_clusters)), baselines={}, default_top_k=ens.top_k,
+                   scored_state=ens.manifest.scored_state())
     if baselines:
         nearest = [r[0][0] for r in ens.route(texts, top_k=1)]
         _score_baselines(run, baselines, texts, top_ks, results, nearest, runner)

@@ -100,7 +100,8 @@ def harness(run_dir: str, tasks: list[str], include_path: str | None = None, num
             base = Ensemble.load(train_baseline(plan_baseline(run, kind), runner).root)
             for name, k in systems(base, None).items():
                 found[kind if base.n_experts == 1 else f"{kind} {name}"] = (base, k)
-        result = {"tasks": tasks, "num_fewshot": num_fewshot, "limit": limit, "systems": {}}
+        result = {"tasks": tasks, "num_fewshot": num_fewshot, "limit": limit,
+                  "scored_state": ens.manifest.scored_state(), "systems": {}}
         for name, (system, k) in found.items():
             log.info("harness: %s (top-%d of %d experts)", name, k, system.n_experts)
             scored = evaluate_system(system, k, tasks, manager, num_fewshot, limit)

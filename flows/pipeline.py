@@ -31,12 +31,12 @@ from flows.config import PipelineConfig
 from flows.report import label_field, write_report
 from flows.routing_stage import train_router
 from flows.runners import is_remote
-from flows.stages import run_stage, stage_inputs
+from flows.stages import forget_earlier_clusters, run_stage, stage_inputs
 from flows.training import train_experts
 from flows.tuning import tune_inputs, tune_stage
 from ground.device import resolve_device
 from ground.errors import UserInputError
-from ground.files import atomic_write_text, clean_stale_temporaries, read_json
+from ground.files import atomic_write_text, clean_stale_temporaries, hash_path, read_json
 from ground.progress import progress
 from ground.rundir import STAGES, Manifest, RunDir
 
@@ -196,6 +196,21 @@ def _choose_k(cfg: PipelineConfig, run: RunDir, manifest: Manifest, force: bool)
     cfg.cluster.n_clusters = best  # recorded with the rest of the config when the build succeeds
 
 
+def _cluster(cfg: PipelineConfig, run: RunDir, manifest: Manifest, force: bool) -> None:
+    """The cluster stage; other clusters than before make the run forget what belonged to the earlier ones,
+    before the stage is recorded (a build killed in between forgets on its re-run)."""
+    earlier = (manifest.stages.get("cluster") or {}).get("outputs")
+
+    def work() -> None:
+        cluster_task(cfg.cluster, run.corpus_path, run.embeddings_dir, run.clusters_dir, label_field(cfg, run))
+        if earlier is not None and hash_path(run.clusters_dir) != earlier:
+            forget_earlier_clusters(run, manifest, cfg.cluster.n_clusters)
+
+    run_stage(run, manifest, "cluster", stage_inputs(cfg, manifest, "cluster"), work, force=force)
+    if any(int(c) >= cfg.cluster.n_clusters for c in manifest.experts):  # re-clustered before 2026-12-07
+        forget_earlier_clusters(run, manifest, cfg.cluster.n_clusters)
+
+
 @flow(name="build", log_prints=False, validate_parameters=False)
 def build(config: dict, run_dir: str, until: str = "assemble", force: list[str] | None = None,
           runner: str = "thread") -> dict:
@@ -228,10 +243,7 @@ def _build_stages(cfg: PipelineConfig, run: RunDir, manifest: Manifest, until: s
             return
     if cfg.cluster.auto_k:
         _choose_k(cfg, run, manifest, force="cluster" in force)
-    labels = label_field(cfg, run)
-    run_stage(run, manifest, "cluster", stage_inputs(cfg, manifest, "cluster"),
-              lambda: cluster_task(cfg.cluster, run.corpus_path, run.embeddings_dir, run.clusters_dir, labels),
-              force="cluster" in force)
+    _cluster(cfg, run, manifest, force="cluster" in force)
     if until == "cluster":
         return
     run_stage(run, manifest, "tokenizer", stage_inputs(cfg, manifest, "tokenizer"),

@@ -68,7 +68,8 @@ def write_report(run: RunDir, manifest: Manifest, label_field: str | None = None
              f"weight {manifest.config.get('ensemble', {}).get('evidence_weight', 0):g}. "
              f"Corpus `{manifest.config.get('corpus', {}).get('path')}`.", "",
              clusters_markdown(run.clusters_dir, "plots"), "", *_experts_section(run, manifest, ids),
-             *_router_section(run), *_growth_section(manifest), *_evaluation_section(run), *_harness_section(run)]
+             *_router_section(run), *_growth_section(manifest), *_evaluation_section(run, manifest),
+             *_harness_section(run, manifest)]
     atomic_write_text(run.report_path, "\n".join(lines) + "\n")
     return run.report_path
 
@@ -122,12 +123,13 @@ def _growth_section(manifest: Manifest) -> list[str]:
     return lines + [""]
 
 
-def _harness_section(run: RunDir) -> list[str]:
+def _harness_section(run: RunDir, manifest: Manifest) -> list[str]:
     if not run.harness_path.exists():
         return []
     result = read_json(run.harness_path)
     shots = "default" if result.get("num_fewshot") is None else result["num_fewshot"]
-    return ["", "## lm-evaluation-harness", "", f"`cbtm eval --tasks` ({shots}-shot, limit {result.get('limit')}); "
+    return ["", "## lm-evaluation-harness", "", *earlier_state(result, manifest, f"cbtm eval {run.root} --tasks ..."),
+            f"`cbtm eval --tasks` ({shots}-shot, limit {result.get('limit')}); "
             "details in `eval/harness.json`.", "", "![harness tasks](plots/harness.png)", "", *harness_table(result)]
 
 
@@ -158,7 +160,16 @@ def harness_table(result: dict) -> list[str]:
     return lines
 
 
-def _evaluation_section(run: RunDir) -> list[str]:
+def earlier_state(results: dict, manifest: Manifest, command: str) -> list[str]:
+    """A warning line when ``results`` (results.json, harness.json) scored another state of the run than the
+    manifest's: a rebuild, retrain, `cbtm add`, `cbtm remove` or a new temperature came after them."""
+    if results.get("scored_state") in (None, manifest.scored_state()):  # None: written before 2026-12-07
+        return []
+    return [f"**These figures are of an earlier state of this run: its experts, clusters or routing changed "
+            f"after they were measured. Run `{command}` again for current ones.**", ""]
+
+
+def _evaluation_section(run: RunDir, manifest: Manifest) -> list[str]:
     path = run.eval_dir / "results.json"
     if not path.exists():
         return ["", "Held-out evaluation: run `cbtm eval` to add it here."]
@@ -168,7 +179,8 @@ def _evaluation_section(run: RunDir) -> list[str]:
     evidence = results.get("evidence_weight") or 0
     reweighed = (f", reweighted by each expert's log-probabilities of the tokens just before it (evidence weight "
                  f"{evidence:g}, decay {results.get('evidence_decay')})") if evidence else ""
-    lines = ["", "## Held-out perplexity", "", f"Route temperature {temperature}; a token's weights "
+    lines = ["", "## Held-out perplexity", "", *earlier_state(results, manifest, f"cbtm eval {run.root}"),
+             f"Route temperature {temperature}; a token's weights "
              f"come from the text before it{reweighed}. \"expert i alone\": that expert on all held-out text, and "
              "on its own cluster's.", *_baselines_note(results), *([f"**{gain}**."] if gain else []), "",
              "![perplexity by system](plots/perplexity.png)",
@@ -193,15 +205,20 @@ def dense_gain(results: dict) -> str | None:
         return None
     name = min(ours, key=lambda n: ours[n]["perplexity"])
     best, base = ours[name]["perplexity"], min(dense)
+    # Every system losing means too few tokens per expert: Brown at the default budget lost at k = 6 and 2, won
+    # at 4x the tokens (README, "Brown at its default budget").
+    verdict = ("better than dense at the same total tokens" if best <= base else "worse than dense at the same "
+               "total tokens: train on more tokens (--set train.total_tokens=N) or build fewer clusters")
     line = (f"Best ensemble ({name}) {best:.2f} vs dense {base:.2f}: {100 * (best - base) / base:+.1f}% perplexity "
-            f"({'better' if best <= base else 'worse'} than dense at the same total tokens)")
+            f"({verdict})")
     # The best system is often "all experts"; what query, serve and Ensemble.load run is the run's own top_k.
     served = next((n for n, r in ours.items() if r.get("top_k") == results.get("default_top_k")), None)
     # Compared as printed: a top-2 0.001 above top-1 would otherwise repeat the same figure as "worse".
     if served is None or round(ours[served]["perplexity"], 2) <= round(best, 2):
         return line
     ppl = ours[served]["perplexity"]
-    verdict = "better than dense" if ppl <= base else "worse than dense: pass a larger --top-k or build fewer clusters"
+    verdict = ("better than dense" if ppl <= base else "worse than dense" if best > base  # the advice is said above
+               else "worse than dense: pass a larger --top-k or build fewer clusters")
     return (f"{line}; the run's {served}, which query and serve use, {ppl:.2f}: "
             f"{100 * (ppl - base) / base:+.1f}% ({verdict})")
 

@@ -123,3 +123,27 @@ def record_expert(run: RunDir, manifest: Manifest, cluster_id: int, inputs: str,
         manifest.jobs[job]["done"] = sorted({*manifest.jobs[job]["done"], int(cluster_id)})
     run.write_manifest(manifest)
     faults.point(f"expert:{run.root.name}:{cluster_id}")
+
+
+def forget_earlier_clusters(run: RunDir, manifest: Manifest, n_clusters: int) -> None:
+    """After the cluster stage found other clusters than the run's experts were trained on: the run is no longer
+    finished (DONE goes first), experts of cluster ids beyond ``n_clusters`` are dropped from the manifest and
+    then from disk (a budget summed over the manifest, such as the baselines', would count them), and removals
+    by `cbtm remove`, which named clusters of the earlier clustering, are cleared with a warning."""
+    run.done_path.unlink(missing_ok=True)
+    gone = sorted(int(c) for c in manifest.experts if int(c) >= n_clusters)
+    for cid in gone:
+        del manifest.experts[str(cid)]
+    cleared, manifest.removed = manifest.removed, []
+    run.write_manifest(manifest)  # no entry names the files removed below
+    for cid in gone:
+        shutil.rmtree(run.expert_dir(cid), ignore_errors=True)
+        shutil.rmtree(run.checkpoint_dir(cid), ignore_errors=True)
+    if gone:
+        log.info("  cluster   %d cluster(s) now: expert(s) %s of the earlier clustering deleted", n_clusters,
+                 ", ".join(map(str, gone)))
+    if cleared:
+        log.warning("  cluster   expert(s) %s were removed from routing (`cbtm remove`) under the earlier "
+                    "clustering; those ids now name other clusters, so every expert is routed to again: remove "
+                    "again with `cbtm remove %s --cluster N` after this build", ", ".join(map(str, cleared)),
+                    run.root)

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ground.errors import IncompatibleRunError, UserInputError
-from ground.files import atomic_write_text, read_json
+from ground.files import atomic_write_text, hash_json, read_json
 
 FORMAT = "cbtm-run"
 SCHEMA_VERSION = 2
@@ -122,6 +122,17 @@ class Manifest:
     def routed_experts(self) -> list[int]:
         """Cluster ids of the recorded experts that are routed to: neither skipped (no files) nor removed."""
         return sorted(int(c) for c, e in self.experts.items() if not e.get("skipped") and int(c) not in self.removed)
+
+    def scored_state(self) -> str:
+        """Hash of what an evaluation of this run scores: the routed experts' files, the clusters, the router and
+        the routing settings. Evaluation results record it, so that a report can tell figures of an earlier
+        state of the run (rebuilt, retrained, grown, an expert removed, another temperature) from current ones."""
+        ensemble = {k: v for k, v in (self.config.get("ensemble") or {}).items()
+                    if k not in ("route_temperature", "top_k", "tune_docs")}  # the first two: as resolved below
+        return hash_json({"experts": {c: self.experts[str(c)].get("hash") for c in self.routed_experts()},
+                          "clusters": (self.stages.get("cluster") or {}).get("outputs"),
+                          "router": (self.stages.get("router") or {}).get("outputs"),
+                          "routing": {k: self.routing_value(k) for k in sorted(self.routing)}, "ensemble": ensemble})
 
 
 def fill_added_settings(config: dict | None) -> None:

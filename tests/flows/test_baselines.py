@@ -10,6 +10,7 @@ from ensemble import Ensemble
 from ensemble.prefix_router import VERSION as ROUTER_VERSION
 from flows.baselines import parse_baselines, plan_baseline, plan_derived
 from flows.cli import main
+from flows.pipeline import retrain
 from flows.report import budget_words, dense_gain
 from flows.tuning import tuning_texts
 from ground.errors import UserInputError
@@ -168,3 +169,26 @@ def test_dense_gain_also_judges_the_top_k_the_run_serves():
     assert "which query and serve use, 120.01: " in dense_gain(results(120.006))
     assert "query and serve" not in dense_gain(results(144.5, default_top_k=None))
     assert dense_gain({"systems": results(144.5)["systems"] | {"dense": {"top_k": 1, "perplexity": 1.0}}}) is None
+
+
+def test_dense_gain_when_every_system_loses_advises_tokens_not_a_larger_top_k():
+    systems = {"top-1": {"top_k": 1, "perplexity": 373.72}, "top-2": {"top_k": 2, "perplexity": 354.40},
+               "all experts": {"top_k": 6, "perplexity": 347.34},
+               "dense": {"top_k": 1, "perplexity": 337.68, "baseline": "dense"}}  # Brown, default budget
+    line = dense_gain({"systems": systems, "default_top_k": 2})
+    assert line == ("Best ensemble (all experts) 347.34 vs dense 337.68: +2.9% perplexity (worse than dense at the "
+                    "same total tokens: train on more tokens (--set train.total_tokens=N) or build fewer clusters); "
+                    "the run's top-2, which query and serve use, 354.40: +5.0% (worse than dense)")
+
+
+def test_the_report_flags_evaluation_figures_of_an_earlier_state_of_the_run(baselined_copy):
+    run, _ = baselined_copy
+    flag = "These figures are of an earlier state of this run"
+    assert flag not in (run / "report.md").read_text()
+    retrain(str(run), [0], from_current=True)  # other expert files under the same figures
+    report = (run / "report.md").read_text()
+    assert flag in report.split("## Held-out perplexity")[1] and f"Run `cbtm eval {run}` again" in report
+    assert main(["eval", str(run), "--limit", "2"]) == 0
+    assert flag not in (run / "report.md").read_text()
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert results["scored_state"] == RunDir(run).read_manifest().scored_state()

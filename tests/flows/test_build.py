@@ -9,9 +9,11 @@ import pytest
 from cluster.corpus import read_documents
 from ensemble import Ensemble
 from experts.budget import expert_budget
+from flows.baselines import spent_tokens
 from flows.cli import main
 from flows.commands import print_summary
 from flows.pipeline import build, retrain, summarize
+from ground.errors import UserInputError
 from ground.files import file_sha256, hash_path
 from ground.rundir import RunDir
 from tests.conftest import tiny_config, write_jsonl
@@ -95,6 +97,29 @@ def test_a_changed_training_config_retrains_experts_but_keeps_clusters(built_run
     assert hash_path(run_dir / "clusters") == clusters_before
     manifest = RunDir(run_dir).read_manifest()
     assert all(e["steps"] == expert_budget(cfg.train, cfg.seed_tokens(), 3).steps for e in manifest.experts.values())
+
+
+def test_rebuilding_with_fewer_clusters_forgets_the_earlier_experts_and_removals(built_run, slice_corpus, tmp_path,
+                                                                               capsys):
+    run_dir = shutil.copytree(built_run, tmp_path / "run")
+    assert main(["remove", str(run_dir), "--cluster", "1"]) == 0
+    cfg = tiny_config(slice_corpus, n_clusters=2)
+    build(cfg.to_dict(), str(run_dir), until="cluster")
+    err = capsys.readouterr().err
+    # New clusters under old experts are not a finished run; expert 2 has no cluster any more, and removal 1
+    # named a cluster of the earlier clustering.
+    manifest = RunDir(run_dir).read_manifest()
+    assert not (run_dir / "DONE").exists() and sorted(manifest.experts) == ["0", "1"] and manifest.removed == []
+    assert not (run_dir / "experts" / "2").exists() and (run_dir / "experts" / "1").exists()
+    assert "expert(s) 2 of the earlier clustering deleted" in err and "expert(s) 1 were removed" in err
+    with pytest.raises(UserInputError, match="is not finished"):
+        Ensemble.load(run_dir)
+    build(cfg.to_dict(), str(run_dir))
+    manifest = RunDir(run_dir).read_manifest()
+    assert sorted(manifest.experts) == ["0", "1"] and Ensemble.load(run_dir).n_experts == 2
+    # What the baselines are given: this build's two experts, not the earlier third one too.
+    assert spent_tokens(manifest, cfg) == 2 * expert_budget(cfg.train, cfg.seed_tokens(), 2).steps * 128
+    assert sorted(summarize(RunDir(run_dir))["experts"]) == ["0", "1"]
 
 
 def _final_lr(model_dir):
