@@ -80,8 +80,9 @@ def finished_parent(parent: RunDir) -> tuple[Manifest, PipelineConfig]:
     if "cluster" not in manifest.stages:
         raise UserInputError(f"run {parent.root} has no clusters yet: finish it with `cbtm run --out {parent.root}`")
     missing = [c for c in range(cfg.cluster.n_clusters)
-               if not (manifest.experts.get(str(c), {}).get("skipped")
-                       or (parent.expert_dir(c) / "config.json").exists() and str(c) in manifest.experts)]
+               if c not in manifest.removed  # opted out (`cbtm remove`, its files perhaps deleted): not routed to
+               and not (manifest.experts.get(str(c), {}).get("skipped")
+                        or (parent.expert_dir(c) / "config.json").exists() and str(c) in manifest.experts)]
     if missing:
         raise UserInputError(f"run {parent.root} has no trained expert for cluster(s) {missing}: train them with "
                              f"`cbtm run --out {parent.root}` (or `cbtm retrain {parent.root} --cluster N`); "

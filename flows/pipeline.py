@@ -260,7 +260,10 @@ def _build_stages(cfg: PipelineConfig, run: RunDir, manifest: Manifest, until: s
                   lambda: router_task(run.corpus_path, run.clusters_dir, run.tokenizer_dir, cfg.embed,
                                       run.embeddings_dir, run.router_dir, run.router_cache),
                   force="cluster" in force)
-    train_experts(cfg, run, manifest, list(range(cfg.cluster.n_clusters)), force="train" in force, runner=runner)
+    # An expert removed with --delete stays deleted: `cbtm retrain` is how it comes back, not any rebuild.
+    deleted = {int(c) for c, e in manifest.experts.items() if e.get("deleted") and int(c) in manifest.removed}
+    train_experts(cfg, run, manifest, [c for c in range(cfg.cluster.n_clusters) if c not in deleted],
+                  force="train" in force, runner=runner)
     if until == "train":
         return
     assemble_run(cfg, run, manifest)

@@ -131,7 +131,8 @@ def forget_earlier_clusters(run: RunDir, manifest: Manifest, n_clusters: int) ->
     then from disk (a budget summed over the manifest, such as the baselines', would count them), and removals
     by `cbtm remove`, which named clusters of the earlier clustering, are cleared with a warning."""
     run.done_path.unlink(missing_ok=True)
-    gone = sorted(int(c) for c in manifest.experts if int(c) >= n_clusters)
+    # Deleted by `cbtm remove --delete` (no files): under the new clusters that id is another expert to train.
+    gone = sorted(int(c) for c, e in manifest.experts.items() if int(c) >= n_clusters or e.get("deleted"))
     for cid in gone:
         del manifest.experts[str(cid)]
     cleared, manifest.removed = manifest.removed, []
@@ -139,9 +140,10 @@ def forget_earlier_clusters(run: RunDir, manifest: Manifest, n_clusters: int) ->
     for cid in gone:
         shutil.rmtree(run.expert_dir(cid), ignore_errors=True)
         shutil.rmtree(run.checkpoint_dir(cid), ignore_errors=True)
-    if gone:
+    beyond = [c for c in gone if c >= n_clusters]
+    if beyond:
         log.info("  cluster   %d cluster(s) now: expert(s) %s of the earlier clustering deleted", n_clusters,
-                 ", ".join(map(str, gone)))
+                 ", ".join(map(str, beyond)))
     if cleared:
         log.warning("  cluster   expert(s) %s were removed from routing (`cbtm remove`) under the earlier "
                     "clustering; those ids now name other clusters, so every expert is routed to again: remove "

@@ -102,24 +102,36 @@ def test_a_changed_training_config_retrains_experts_but_keeps_clusters(built_run
 def test_rebuilding_with_fewer_clusters_forgets_the_earlier_experts_and_removals(built_run, slice_corpus, tmp_path,
                                                                                capsys):
     run_dir = shutil.copytree(built_run, tmp_path / "run")
-    assert main(["remove", str(run_dir), "--cluster", "1"]) == 0
+    assert main(["remove", str(run_dir), "--cluster", "1", "--delete"]) == 0
     cfg = tiny_config(slice_corpus, n_clusters=2)
     build(cfg.to_dict(), str(run_dir), until="cluster")
     err = capsys.readouterr().err
     # New clusters under old experts are not a finished run; expert 2 has no cluster any more, and removal 1
-    # named a cluster of the earlier clustering.
+    # named a cluster of the earlier clustering: under the new one, 1 is an expert to train like any other.
     manifest = RunDir(run_dir).read_manifest()
-    assert not (run_dir / "DONE").exists() and sorted(manifest.experts) == ["0", "1"] and manifest.removed == []
-    assert not (run_dir / "experts" / "2").exists() and (run_dir / "experts" / "1").exists()
+    assert not (run_dir / "DONE").exists() and sorted(manifest.experts) == ["0"] and manifest.removed == []
+    assert not (run_dir / "experts" / "2").exists() and (run_dir / "experts" / "0").exists()
     assert "expert(s) 2 of the earlier clustering deleted" in err and "expert(s) 1 were removed" in err
     with pytest.raises(UserInputError, match="is not finished"):
         Ensemble.load(run_dir)
     build(cfg.to_dict(), str(run_dir))
     manifest = RunDir(run_dir).read_manifest()
     assert sorted(manifest.experts) == ["0", "1"] and Ensemble.load(run_dir).n_experts == 2
+    assert (run_dir / "experts" / "1" / "model.safetensors").exists()
     # What the baselines are given: this build's two experts, not the earlier third one too.
     assert spent_tokens(manifest, cfg) == 2 * expert_budget(cfg.train, cfg.seed_tokens(), 2).steps * 128
     assert sorted(summarize(RunDir(run_dir))["experts"]) == ["0", "1"]
+
+
+def test_an_expert_removed_with_delete_stays_deleted_through_a_rebuild_and_eval_scores_the_rest(
+        built_run, slice_corpus, tmp_path):
+    run_dir = shutil.copytree(built_run, tmp_path / "run", ignore=shutil.ignore_patterns("eval", "baselines"))
+    assert main(["remove", str(run_dir), "--cluster", "1", "--delete"]) == 0
+    build(tiny_config(slice_corpus).to_dict(), str(run_dir))  # not a way round the opt-out: nothing retrained
+    assert not (run_dir / "experts" / "1").exists() and (run_dir / "DONE").exists()
+    assert main(["eval", str(run_dir), "--limit", "2"]) == 0  # refused before: "no trained expert for [1]"
+    systems = json.loads((run_dir / "eval" / "results.json").read_text())["systems"]
+    assert {"expert 0 alone", "expert 2 alone"} <= set(systems) and "expert 1 alone" not in systems
 
 
 def _final_lr(model_dir):
