@@ -217,8 +217,9 @@ def dense_gain(results: dict) -> str | None:
     if served is None or round(ours[served]["perplexity"], 2) <= round(best, 2):
         return line
     ppl = ours[served]["perplexity"]
-    verdict = ("better than dense" if ppl <= base else "worse than dense" if best > base  # the advice is said above
-               else "worse than dense: pass a larger --top-k or build fewer clusters")
+    # When the best system lost too, the advice is in the first part: a larger top-k cannot win.
+    advice = ": pass a larger --top-k or build fewer clusters" if best <= base else ""
+    verdict = "better than dense" if ppl <= base else f"worse than dense{advice}"
     return (f"{line}; the run's {served}, which query and serve use, {ppl:.2f}: "
             f"{100 * (ppl - base) / base:+.1f}% ({verdict})")
 
