@@ -65,7 +65,9 @@ def build_job(state, prompts: Prompts, max_tokens: int | None, samplings: list[S
     if max_tokens < (0 if echo else 1):
         raise ApiError(400, f"max_tokens must be >= 1 (0 only with echo), got {max_tokens}", "max_tokens")
     if max_tokens > room:
-        raise ApiError(400, f"this model's context is {context} tokens: the prompt ({longest} tokens) leaves room for "
+        which = "the prompt" if len(prompts.encoded) == 1 else "the longest prompt"
+        raise ApiError(400, f"this model's context is {context} tokens: {which} ({longest} token"
+                       f"{'' if longest == 1 else 's'}, after one leading end-of-text token) leaves room for "
                        f"{max(room, 0)} new tokens, but max_tokens is {max_tokens}", "max_tokens",
                        "context_length_exceeded")
     if max_tokens > settings.max_tokens:

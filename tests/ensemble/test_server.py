@@ -144,6 +144,16 @@ def test_invalid_json_is_a_400_and_the_openai_client_sees_it(server):
         complete(server.client(), "bread " * 10, max_tokens=127)
 
 
+def test_max_tokens_may_fill_the_context_exactly_and_one_more_is_refused_with_the_room(server, ens):
+    prompt = "bread " * 10
+    n = len(ens.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    room = ens.max_positions - 1 - n  # one position holds the leading end-of-text token
+    assert complete(server.client(), prompt, max_tokens=room).usage.prompt_tokens == n
+    with pytest.raises(openai.BadRequestError) as info:
+        complete(server.client(), prompt, max_tokens=room + 1)
+    assert f"the prompt ({n} tokens, after one leading end-of-text token) leaves room for {room} new" in str(info.value)
+
+
 def test_eight_concurrent_clients_get_what_each_gets_alone(server):
     client = server.client()
     alone = [complete(client, p, max_tokens=24).choices[0].text for p in PROMPTS]
