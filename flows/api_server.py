@@ -3,8 +3,9 @@
 Prefect's own temporary server is a uvicorn child process that outlives a `kill -9` of its parent (it is
 re-parented to PID 1 and keeps listening). cbtm starts that server itself, through a tiny wrapper that asks
 the kernel to SIGKILL it when its parent dies (Linux ``PR_SET_PDEATHSIG``), and shares it with every worker a
-process, Ray or Dask runner starts (one server instead of one per worker). A server already configured
-(PREFECT_API_URL from the environment, a profile or a test harness) is used as it is.
+process, Ray or Dask runner starts (one server instead of one per worker). It runs in its own session, so that
+Ctrl-C stops the command, not the server the command needs to record that it was interrupted. A server already
+configured (PREFECT_API_URL from the environment, a profile or a test harness) is used as it is.
 """
 from __future__ import annotations
 
@@ -47,7 +48,10 @@ def child_server(port: int):
             args = [sys.executable, "-c", DIE_WITH_PARENT, "-m", "uvicorn", "--app-dir",
                     str(prefect.__module_path__.parent), "--factory", "prefect.server.api.server:create_app",
                     "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"]
-            return subprocess.Popen(args, env=env)
+            # Its own session: Ctrl-C in a terminal signals the whole foreground process group, and a server
+            # killed with the command left Prefect retrying its last state change for ~70 s before the command
+            # failed with ConnectError. The command stops it on the way out; the kernel, if the command dies.
+            return subprocess.Popen(args, env=env, start_new_session=True)
 
     return ChildServer(port=port)
 
@@ -73,7 +77,21 @@ def api_server() -> Iterator[str]:
         else:
             os.environ["PREFECT_API_URL"] = previous
         if server is not None:
+            _drain_prefect_workers()
             server.stop()
+
+
+def _drain_prefect_workers(timeout: float = 10.0) -> None:
+    """Send the events and logs Prefect still queues (a process runner's workers forward theirs late) before
+    the server stops; otherwise each failed send printed an EventsWorker error after the command's last line."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (EventsWorker, APILogWorker):
+        try:
+            worker.drain_all(timeout=timeout)
+        except Exception:  # noqa: BLE001 - best effort on the way out: never hide the command's own outcome
+            log.debug("draining %s failed", worker.__name__, exc_info=True)
 
 
 def _free_port() -> int:

@@ -48,6 +48,9 @@ def _setup_logging(verbose: bool) -> None:
             logging.getLogger(noisy).setLevel(logging.CRITICAL if noisy.startswith(("prefect", "uvicorn"))
                                               else logging.ERROR)
         warnings.filterwarnings("ignore")
+        # ... in the processes the command starts too: workers, and multiprocessing's resource tracker, which
+        # warned of "leaked semaphore objects" after Ctrl-C had stopped the process runner's workers.
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")
 
 
 def main(argv: list[str] | None = None) -> int:

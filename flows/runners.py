@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
+import signal
 import socket
 from typing import Iterator
 from urllib.parse import urlparse
@@ -52,9 +54,7 @@ def task_runner(spec: str):
 
         return ThreadPoolTaskRunner()
     if kind == "process":
-        from prefect.task_runners import ProcessPoolTaskRunner
-
-        return ProcessPoolTaskRunner()
+        return _process_runner()
     if kind == "ray":
         try:
             from prefect_ray import RayTaskRunner
@@ -68,6 +68,32 @@ def task_runner(spec: str):
         raise UserInputError("the dask runner needs prefect-dask: pip install prefect-dask") from exc
     return DaskTaskRunner(address=address) if address else DaskTaskRunner(
         cluster_kwargs={"n_workers": 1, "threads_per_worker": 1, "processes": True, "dashboard_address": None})
+
+
+def _process_runner():
+    """Prefect's process pool, whose workers ignore Ctrl-C and are killed when it interrupts the flow.
+
+    Ctrl-C signals the terminal's whole process group. A worker interrupted by it returned its KeyboardInterrupt,
+    Prefect's done-callback re-raised it inside the pool's manager thread, which died of it, and the interpreter
+    then waited forever at exit to join workers no one would stop (`cbtm run --runner process`, Prefect 3.8.8).
+    Killing them is safe: an expert is recorded only when complete, and its checkpoints resume it.
+    """
+    from prefect.task_runners import ProcessPoolTaskRunner
+
+    class InterruptibleProcessPoolTaskRunner(ProcessPoolTaskRunner):
+        def __exit__(self, exc_type, exc_value, traceback) -> None:
+            if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+                for child in multiprocessing.active_children():
+                    log.debug("interrupted: killing task worker %s", child.pid)
+                    child.kill()
+                    child.join(10)
+            super().__exit__(exc_type, exc_value, traceback)
+
+    return InterruptibleProcessPoolTaskRunner(initializer=_ignore_interrupts)
+
+
+def _ignore_interrupts() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def is_remote(spec: str) -> bool:

@@ -5,11 +5,13 @@ that point for the n-th time (default: the first), it sends itself SIGKILL, exac
 would, but at a moment a test can name instead of guess. Points are named where work becomes durable, for
 example ``stage:embed`` (the embed stage is recorded), ``expert:2`` (expert 2 is recorded) or
 ``step:expert 1@5`` (expert 1 finished its 5th optimizer step). Unset, a point costs one dict lookup.
+``CBTM_FAULT_SIGNAL=SIGINT`` sends SIGINT to the process's whole group instead, as Ctrl-C in a terminal does.
 """
 from __future__ import annotations
 
 import os
 import signal
+import time
 from collections import Counter
 
 _SEEN: Counter = Counter()
@@ -25,4 +27,8 @@ def point(name: str) -> None:
         return
     _SEEN[name] += 1
     if _SEEN[name] == int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+        if os.environ.get("CBTM_FAULT_SIGNAL") == "SIGINT":
+            os.killpg(os.getpgrp(), signal.SIGINT)
+            time.sleep(60)  # a long step: a process that ignores SIGINT is still at work when it is stopped
+        else:
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -186,3 +186,51 @@ def test_the_prefect_server_of_a_killed_run_dies_with_it(fast_config, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+INTERRUPTS = [("thread", "step:seed phase@8", "seed phase"), ("process", "step:expert 1@6", "expert 1")]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+@pytest.mark.parametrize("runner,point,resumed", INTERRUPTS, ids=[r for r, _, _ in INTERRUPTS])
+def test_ctrl_c_stops_a_run_at_once_and_the_same_command_resumes_it(runner, point, resumed, fast_config, cli_env,
+                                                                    tmp_path):
+    """Ctrl-C signals the terminal's whole process group (here sent from inside, at ``point``). The Prefect server
+    the command started died of it, and Prefect retried recording the interruption for ~70 s before the command
+    failed with ConnectError; a process-pool worker died of it and the command then never exited."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    # As a user's shell: no Prefect server or log level set (the command starts its own server), no warnings filter.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "PREFECT_LOGGING", "PYTHONWARN"))}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PYTHONPATH=str(ROOT), CBTM_FAULT=point,
+               CBTM_FAULT_SIGNAL="SIGINT")
+    args = ["run", "--config", str(fast_config), "--out", str(tmp_path / "run"), "--runner", runner]
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=env, cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,  # its own group
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's
+    try:
+        _, err = proc.communicate(timeout=150)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-2000:]
+    assert "cbtm run: interrupted; re-run the same command to resume" in err and "Error" not in err, err[-2000:]
+    left = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _environ_has(p, f"CBTM_PARENT_PID={proc.pid}")]
+    assert not left, "the command's Prefect server outlived it"
+    result = cbtm(args, cli_env, fresh=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = RunDir(tmp_path / "run")
+    record = (json.loads((run.pretrained_dir / "expert.json").read_text()) if resumed == "seed phase"
+              else run.read_manifest().experts["1"])
+    assert record["resumed_from"] == 5 and run.done_path.exists()
+
+
+def _environ_has(proc: Path, entry: str) -> bool:
+    try:
+        return entry.encode() in (proc / "environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
