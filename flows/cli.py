@@ -23,6 +23,8 @@ COMMANDS = {"run": ("flows.commands", "cmd_run"), "retrain": ("flows.commands", 
             "serve": ("flows.serve_command", "cmd_serve"), "add": ("flows.grow_commands", "cmd_add"),
             "remove": ("flows.grow_commands", "cmd_remove"), "restore": ("flows.grow_commands", "cmd_restore")}
 
+RESUMABLE = {"run", "retrain", "eval", "add"}  # they record finished work as they go (README: What a long run ...)
+
 
 class _Stderr(logging.StreamHandler):
     """A handler writing to whatever sys.stderr is at the time of each message (not the one at setup)."""
@@ -65,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cbtm {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"cbtm {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
+        resume = "; re-run the same command to resume" if args.command in RESUMABLE else ""
+        print(f"cbtm {args.command}: interrupted{resume}", file=sys.stderr)
         return 130
     except Exception as exc:
         if args.verbose:

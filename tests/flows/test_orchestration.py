@@ -118,3 +118,20 @@ def test_a_failed_rerun_with_a_new_config_keeps_the_finished_runs_config(built_r
     assert "empty after cleaning" in capsys.readouterr().err
     after = (run_dir / "config.toml").read_text(), pipeline.RunDir(run_dir).read_manifest().config
     assert after == before and (run_dir / "DONE").exists()
+
+
+@pytest.mark.parametrize("command,args,resumes", [("run", [], True), ("eval", ["RUN"], True),
+                                                   ("query", ["RUN", "hello"], False), ("serve", ["RUN"], False)])
+def test_an_interrupted_command_says_whether_rerunning_it_resumes(command, args, resumes, monkeypatch, capsys):
+    import importlib
+
+    from flows.cli import COMMANDS
+
+    def interrupted(_args):
+        raise KeyboardInterrupt
+
+    module, name = COMMANDS[command]
+    monkeypatch.setattr(importlib.import_module(module), name, interrupted)
+    assert main([command, *args]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == f"cbtm {command}: interrupted" + ("; re-run the same command to resume" if resumes else "")
