@@ -165,9 +165,10 @@ def stage_growth(run: RunDir, added: pa.Table, embedder, embed_cfg: EmbedConfig,
                           if (joined & (train_labels == c)).any()},
                "new_clusters": list(range(old_k, old_k + k_new)),
                "new_cluster_sizes": {str(c): int((train_labels == c).sum()) for c in range(old_k, old_k + k_new)}}
-    log.info("add: %d new document(s): %d training ones join existing clusters %s, %d form %d new cluster(s) %s",
-             len(added), int(joined.sum()), summary["joined"], int((train & ~joined).sum()), k_new,
-             summary["new_clusters"])
+    per_cluster = ", ".join(f"{c}: {n}" for c, n in summary["joined"].items()) or "none"
+    new = ", ".join(f"{c}: {n}" for c, n in summary["new_cluster_sizes"].items()) or "none"
+    log.info("add: %d new document(s): %d training ones join existing clusters (%s), %d form %d new cluster(s) (%s)",
+             len(added), int(joined.sum()), per_cluster, int((train & ~joined).sum()), k_new, new)
     return summary
 
 
