@@ -164,7 +164,9 @@ def stage_growth(run: RunDir, added: pa.Table, embedder, embed_cfg: EmbedConfig,
                "joined": {str(c): int((joined & (train_labels == c)).sum()) for c in range(old_k)
                           if (joined & (train_labels == c)).any()},
                "new_clusters": list(range(old_k, old_k + k_new)),
-               "new_cluster_sizes": {str(c): int((train_labels == c).sum()) for c in range(old_k, old_k + k_new)}}
+               # training documents, as "joined" counts: held-out ones only take the nearest centroid's label
+               "new_cluster_sizes": {str(c): int((train & (train_labels == c)).sum())
+                                     for c in range(old_k, old_k + k_new)}}
     per_cluster = ", ".join(f"{c}: {n}" for c, n in summary["joined"].items()) or "none"
     new = ", ".join(f"{c}: {n}" for c, n in summary["new_cluster_sizes"].items()) or "none"
     log.info("add: %d new document(s): %d training ones join existing clusters (%s), %d form %d new cluster(s) (%s)",

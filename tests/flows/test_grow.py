@@ -73,6 +73,9 @@ def test_add_makes_new_experts_and_leaves_the_old_ones_untouched(grown):
     new_domains = {d["id"]: d["domain"] for d in docs if d["domain"] in NEW}
     train_new = [a["train_cluster_id"] for a in assigned if a["id"] in new_domains and a["split"] == "train"]
     assert sum(c >= 4 for c in train_new) >= 0.9 * len(train_new)  # the new domains form the new clusters
+    added_train = [a["train_cluster_id"] for a in assigned[96:] if a["split"] == "train"]
+    assert addition["new_cluster_sizes"] == {str(c): added_train.count(c) for c in (4, 5)}  # training documents
+    assert addition["joined"] == {str(c): added_train.count(c) for c in range(4) if c in added_train}
     assert "## Growth" in run.report_path.read_text() and "| 5 |" in run.report_path.read_text()
     assert json.loads((run.router_dir / "settings.json").read_text())["n_clusters"] == 6
 
