@@ -18,6 +18,7 @@ from cluster.config import EmbedConfig
 from cluster.hybrid import HybridEmbedder
 from cluster.minilm import PROGRESS_CHUNK, SentenceTransformerEmbedder
 from cluster.tfidf import TfidfEmbedder, fit_tfidf
+from ground import interrupt
 from ground.arrays import load_npy
 from ground.errors import UserInputError
 from ground.files import atomic_write_text, read_json
@@ -171,6 +172,7 @@ def encode_length_sorted(embedder: Embedder, texts: list[str],
     for lo in range(0, len(texts), chunk):
         idx = order[lo:lo + chunk]
         out[idx] = embedder.encode([texts[i] for i in idx])
+        interrupt.check()  # as training does: shards are embedded in a runner's worker threads
         if on_progress:
             on_progress(len(idx))
     return out

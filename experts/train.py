@@ -24,7 +24,7 @@ from experts.config import TrainConfig
 from experts.data import BlockSampler, gather, token_stream, tokenize_corpus
 from experts.models import load_causal_lm, read_vocab_size
 from experts.tokenizer import open_tokenizer
-from ground import faults
+from ground import faults, interrupt
 from ground.device import autocast_dtype, resolve_device
 from ground.errors import UserInputError
 from ground.files import atomic_dir, check_writable, hash_json, hash_path
@@ -195,6 +195,7 @@ def _train_loop(cfg: TrainConfig, model, train_tokens, val_tokens, *, name, key,
             _checkpoint(store, model, optimizer, scheduler, sampler, state, float(window), clock, name)
         bar.update(1)
         faults.point(f"step:{name}")
+        interrupt.check()  # Ctrl-C reaches the main thread only; this loop may run in a runner's worker thread
         if on_step is not None:
             on_step(state.step)
     bar.close()

@@ -4,13 +4,18 @@ Bad input exits with code 2 and one line on stderr saying what is wrong and what
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
+from typing import Iterator
 
 from flows.cli_args import parser
+from ground import interrupt
 
 log = logging.getLogger("cbtm")
 PACKAGE_LOGGERS = ("cbtm", "cluster", "experts", "ensemble", "flows", "ground")
@@ -55,9 +60,34 @@ def _setup_logging(verbose: bool) -> None:
         os.environ.setdefault("PYTHONWARNINGS", "ignore")
 
 
+def _on_interrupt(signum, frame) -> None:
+    interrupt.request()  # for work in other threads; then as Python's own handler, in this one
+    signal.default_int_handler(signum, frame)
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[None]:
+    """Ctrl-C stops work in every thread of the command (`ground.interrupt`), not only the main one. Left alone
+    where SIGINT is ignored (a background job) or cannot be handled (not the main thread)."""
+    interrupt.clear()
+    install = (threading.current_thread() is threading.main_thread()
+               and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    previous = signal.signal(signal.SIGINT, _on_interrupt) if install else None
+    try:
+        yield
+    finally:
+        if install:
+            signal.signal(signal.SIGINT, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     _setup_logging(args.verbose)
+    with _interruptible():
+        return _run(args)
+
+
+def _run(args) -> int:
     module, name = COMMANDS[args.command]
     try:
         return getattr(importlib.import_module(module), name)(args)

@@ -135,3 +135,31 @@ def test_an_interrupted_command_says_whether_rerunning_it_resumes(command, args,
     assert main([command, *args]) == 130
     err = capsys.readouterr().err.strip()
     assert err == f"cbtm {command}: interrupted" + ("; re-run the same command to resume" if resumes else "")
+
+
+def test_ctrl_c_stops_an_expert_training_in_a_worker_thread_at_its_next_step(built_run, tmp_path, monkeypatch, capsys):
+    """Ctrl-C reaches the main thread only; under the thread runner the expert trains in a worker thread, and the
+    interrupted command used to wait for it to finish (README: What a long run can count on)."""
+    import os
+    import signal
+
+    from ground import faults
+
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT is not Python's default here (ignored by the shell that started the tests?)")
+    run_dir = shutil.copytree(built_run, tmp_path / "run")
+    steps = pipeline.RunDir(run_dir).read_manifest().experts["1"]["steps"]
+    assert steps >= 6
+    steps_after = []
+
+    def point(name):  # the SIGINT a terminal sends, from inside expert 1's 2nd step, as `faults` would
+        if name == "step:expert 1":
+            steps_after.append(name)
+            if len(steps_after) == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(faults, "point", point)
+    assert main(["run", "--out", str(run_dir), "--force", "train"]) == 130
+    assert "cbtm run: interrupted; re-run the same command to resume" in capsys.readouterr().err
+    assert 2 <= len(steps_after) <= 3 < steps  # stopped at its next step, not after the rest of its steps
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the command put Python's handler back
