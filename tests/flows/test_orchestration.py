@@ -1,5 +1,7 @@
 """Retries, failures that keep the other experts, runner specs, and the same build on Ray as on threads."""
+import os
 import shutil
+import signal
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -9,6 +11,7 @@ from experts.budget import expert_budget
 from flows import pipeline, training
 from flows.cli import main
 from flows.runners import check_reachable, parse_spec
+from ground import faults
 from ground.errors import UserInputError
 from tests.conftest import tiny_config
 
@@ -140,13 +143,6 @@ def test_an_interrupted_command_says_whether_rerunning_it_resumes(command, args,
 def test_ctrl_c_stops_an_expert_training_in_a_worker_thread_at_its_next_step(built_run, tmp_path, monkeypatch, capsys):
     """Ctrl-C reaches the main thread only; under the thread runner the expert trains in a worker thread, and the
     interrupted command used to wait for it to finish (README: What a long run can count on)."""
-    import os
-    import signal
-
-    from ground import faults
-
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        pytest.skip("SIGINT is not Python's default here (ignored by the shell that started the tests?)")
     run_dir = shutil.copytree(built_run, tmp_path / "run")
     steps = pipeline.RunDir(run_dir).read_manifest().experts["1"]["steps"]
     assert steps >= 6
@@ -159,7 +155,12 @@ def test_ctrl_c_stops_an_expert_training_in_a_worker_thread_at_its_next_step(bui
                 os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(faults, "point", point)
-    assert main(["run", "--out", str(run_dir), "--force", "train"]) == 130
+    # A terminal's Python has this handler; tests started as a background job (CI?) inherit SIGINT ignored.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert main(["run", "--out", str(run_dir), "--force", "train"]) == 130
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the command put it back
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     assert "cbtm run: interrupted; re-run the same command to resume" in capsys.readouterr().err
     assert 2 <= len(steps_after) <= 3 < steps  # stopped at its next step, not after the rest of its steps
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the command put Python's handler back
