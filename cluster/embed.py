@@ -27,6 +27,7 @@ from ground.progress import progress
 log = logging.getLogger(__name__)
 
 TFIDF_DIR = "tfidf"  # the fitted tf-idf embedder, inside the embeddings directory
+CLAIM = "embedder.json"  # the settings and corpus the shards in the embeddings directory were made with
 
 
 class Embedder(Protocol):
@@ -81,7 +82,7 @@ def claim_embed_dir(cfg: EmbedConfig, corpus_path: Path, out_dir: Path) -> None:
              **({"model": cfg.model, "max_seq_length": cfg.max_seq_length} if cfg.kind != "tfidf" else {}),
              **({"tfidf_dim": cfg.tfidf_dim, "tfidf_sample": cfg.tfidf_sample} if cfg.kind != "sentence-transformers"
                 else {}), **({"hybrid_weight": cfg.hybrid_weight} if cfg.kind == "hybrid" else {})}
-    path = Path(out_dir) / "embedder.json"
+    path = Path(out_dir) / CLAIM
     try:
         same = read_json(path) == claim
     except (OSError, ValueError):
@@ -93,6 +94,12 @@ def claim_embed_dir(cfg: EmbedConfig, corpus_path: Path, out_dir: Path) -> None:
             stale.unlink(missing_ok=True)
         shutil.rmtree(Path(out_dir) / TFIDF_DIR, ignore_errors=True)
     atomic_write_text(path, json.dumps(claim, indent=2))
+
+
+def release_embed_dir(out_dir: Path) -> None:
+    """Make the next embed stage into ``out_dir`` start afresh (`cbtm run --force embed`): without its claim,
+    `claim_embed_dir` clears the shards and the tf-idf fit when that stage begins, not before."""
+    (Path(out_dir) / CLAIM).unlink(missing_ok=True)
 
 
 def plan_shards(corpus_path: Path, shard_size: int) -> int:

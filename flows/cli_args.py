@@ -43,7 +43,8 @@ def _run_parser(sub) -> None:
     run.add_argument("--until", metavar="STAGE", choices=STAGES, default="assemble",
                      help=f"stop after this stage: {', '.join(STAGES)} (default: assemble)")
     run.add_argument("--force", metavar="STAGE", action="append", choices=STAGES, default=[],
-                     help="re-run this stage even if it is up to date (repeatable)")
+                     help="re-run this stage from scratch even if it is up to date (repeatable); interrupted, the "
+                     "same command resumes the forced build")
     run.add_argument("--runner", metavar="SPEC", default="thread",
                      help="Prefect task runner: thread (default), process, ray, ray=ADDRESS, dask, dask=ADDRESS "
                      "(for process/ray/dask one API server is started and shared by the workers)")

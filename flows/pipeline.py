@@ -31,7 +31,7 @@ from flows.config import PipelineConfig
 from flows.report import label_field, write_report
 from flows.routing_stage import train_router
 from flows.runners import is_remote
-from flows.stages import forget_earlier_clusters, run_stage, stage_inputs
+from flows.stages import forget_earlier_clusters, run_stage, stage_inputs, start_forced
 from flows.training import train_experts
 from flows.tuning import tune_inputs, tune_stage
 from ground.device import resolve_device
@@ -182,12 +182,12 @@ def example_prompt(run: RunDir, words: int = 5) -> str:
     return ""
 
 
-def _choose_k(cfg: PipelineConfig, run: RunDir, manifest: Manifest, force: bool) -> None:
+def _choose_k(cfg: PipelineConfig, run: RunDir, manifest: Manifest) -> None:
     """`--clusters auto`: score every k of cluster.auto_k, keep the best silhouette as cluster.n_clusters."""
     out = run.choose_k_dir
     run_stage(run, manifest, "choose_k", stage_inputs(cfg, manifest, "choose_k"),
               lambda: choose_k_task(run.embeddings_dir, run.corpus_path, cfg.cluster.auto_k, cfg.cluster.sample_size,
-                                    cfg.cluster.seed, out), force=force)
+                                    cfg.cluster.seed, out))
     chosen = read_json(out / "choose_k.json")
     best = chosen["best_k"]
     log.info("  choose_k  best silhouette at k=%d (of %s)", best, cfg.cluster.auto_k)
@@ -196,7 +196,7 @@ def _choose_k(cfg: PipelineConfig, run: RunDir, manifest: Manifest, force: bool)
     cfg.cluster.n_clusters = best  # recorded with the rest of the config when the build succeeds
 
 
-def _cluster(cfg: PipelineConfig, run: RunDir, manifest: Manifest, force: bool) -> None:
+def _cluster(cfg: PipelineConfig, run: RunDir, manifest: Manifest) -> None:
     """The cluster stage; other clusters than before make the run forget what belonged to the earlier ones,
     before the stage is recorded (a build killed in between forgets on its re-run)."""
     earlier = (manifest.stages.get("cluster") or {}).get("outputs")
@@ -206,7 +206,7 @@ def _cluster(cfg: PipelineConfig, run: RunDir, manifest: Manifest, force: bool) 
         if earlier is not None and hash_path(run.clusters_dir) != earlier:
             forget_earlier_clusters(run, manifest, cfg.cluster.n_clusters)
 
-    run_stage(run, manifest, "cluster", stage_inputs(cfg, manifest, "cluster"), work, force=force)
+    run_stage(run, manifest, "cluster", stage_inputs(cfg, manifest, "cluster"), work)
     if any(int(c) >= cfg.cluster.n_clusters for c in manifest.experts):  # re-clustered before 2026-12-07
         forget_earlier_clusters(run, manifest, cfg.cluster.n_clusters)
 
@@ -216,9 +216,9 @@ def build(config: dict, run_dir: str, until: str = "assemble", force: list[str] 
           runner: str = "thread") -> dict:
     """The whole pipeline: ingest -> embed -> cluster -> tokenizer/seed + one expert per cluster -> assemble.
 
-    Stages whose inputs and outputs are unchanged are skipped; ``until`` stops after a stage;
-    ``force`` re-runs the named stages; ``runner`` is the `--runner` spec the flow's task runner was made
-    from (it decides per-task resources such as one GPU per expert on Ray).
+    Stages whose inputs and outputs are unchanged are skipped; ``until`` stops after a stage; ``force`` re-runs
+    the named stages (a job that resumes, see `start_forced`); ``runner`` is the `--runner` spec the flow's task
+    runner was made from (it decides per-task resources such as one GPU per expert on Ray).
     """
     if until not in STAGES:
         raise UserInputError(f"--until {until!r} is not a stage: use one of {', '.join(STAGES)}")
@@ -228,42 +228,41 @@ def build(config: dict, run_dir: str, until: str = "assemble", force: list[str] 
     with run.writing("run"):
         manifest = open_run(run, cfg, set(force or []))
         log.info("run directory %s", run.root)
-        _build_stages(cfg, run, manifest, until, set(force or []), runner)
+        start_forced(run, manifest, {s for s in force or [] if STAGES.index(s) <= STAGES.index(until)})
+        _build_stages(cfg, run, manifest, until, runner)
+        manifest.jobs.pop("run", None)  # a forced build ends here; so does an interrupted one that any build finished
         record_config(cfg, run, manifest)
     return summarize(run)
 
 
-def _build_stages(cfg: PipelineConfig, run: RunDir, manifest: Manifest, until: str, force: set[str],
-                  runner: str) -> None:
+def _build_stages(cfg: PipelineConfig, run: RunDir, manifest: Manifest, until: str, runner: str) -> None:
     """Run (or skip) every stage up to and including ``until``."""
     for stage, work in [("ingest", lambda: ingest_task(cfg.corpus, run.corpus_path)),
                         ("embed", lambda: _embed(cfg, run, runner))]:
-        run_stage(run, manifest, stage, stage_inputs(cfg, manifest, stage), work, force=stage in force)
+        run_stage(run, manifest, stage, stage_inputs(cfg, manifest, stage), work)
         if until == stage:
             return
     if cfg.cluster.auto_k:
-        _choose_k(cfg, run, manifest, force="cluster" in force)
-    _cluster(cfg, run, manifest, force="cluster" in force)
+        _choose_k(cfg, run, manifest)
+    _cluster(cfg, run, manifest)
     if until == "cluster":
         return
     run_stage(run, manifest, "tokenizer", stage_inputs(cfg, manifest, "tokenizer"),
-              lambda: tokenizer_task(cfg.seed, run.corpus_path, run.tokenizer_dir), force="train" in force)
+              lambda: tokenizer_task(cfg.seed, run.corpus_path, run.tokenizer_dir))
     run_stage(run, manifest, "seed", stage_inputs(cfg, manifest, "seed"),
-              lambda: seed_task(cfg.seed, run.tokenizer_dir, run.seed_dir), force="train" in force)
+              lambda: seed_task(cfg.seed, run.tokenizer_dir, run.seed_dir))
     if cfg.seed_tokens():  # Branch-Train-Merge seed phase: train the seed on everything first
         run_stage(run, manifest, "pretrain", stage_inputs(cfg, manifest, "pretrain"),
                   lambda: pretrain_task(cfg.seed_tokens(), cfg.train, run.seed_dir, run.corpus_path, run.pretrained_dir,
-                                        checkpoint_dir=run.checkpoint_dir("seed"), cache_dir=run.token_cache),
-                  force="train" in force)
+                                        checkpoint_dir=run.checkpoint_dir("seed"), cache_dir=run.token_cache))
     if cfg.ensemble.router == "prefix":
         run_stage(run, manifest, "router", stage_inputs(cfg, manifest, "router"),
                   lambda: router_task(run.corpus_path, run.clusters_dir, run.tokenizer_dir, cfg.embed,
-                                      run.embeddings_dir, run.router_dir, run.router_cache),
-                  force="cluster" in force)
+                                      run.embeddings_dir, run.router_dir, run.router_cache))
     # An expert removed with --delete stays deleted: `cbtm retrain` is how it comes back, not any rebuild.
     deleted = {int(c) for c, e in manifest.experts.items() if e.get("deleted") and int(c) in manifest.removed}
-    train_experts(cfg, run, manifest, [c for c in range(cfg.cluster.n_clusters) if c not in deleted],
-                  force="train" in force, runner=runner)
+    train_experts(cfg, run, manifest, [c for c in range(cfg.cluster.n_clusters) if c not in deleted], force=False,
+                  runner=runner)
     if until == "train":
         return
     assemble_run(cfg, run, manifest)

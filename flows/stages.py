@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from cluster.embed import release_embed_dir
 from ensemble.prefix_router import VERSION as ROUTER_VERSION
 from flows.config import PipelineConfig
 from ground import faults
@@ -19,6 +20,10 @@ from ground.files import hash_json, hash_path, model_files
 from ground.rundir import Manifest, RunDir, hashed_settings
 
 log = logging.getLogger("cbtm")
+
+# The manifest records each `cbtm run --force STAGE` makes run again.
+FORCED_RECORDS = {"ingest": ("ingest",), "embed": ("embed",), "cluster": ("choose_k", "cluster", "router"),
+                  "train": ("tokenizer", "seed", "pretrain", "train"), "assemble": ("tune", "assemble")}
 
 
 def _seed_settings(cfg: PipelineConfig) -> dict:
@@ -64,16 +69,41 @@ def stage_inputs(cfg: PipelineConfig, manifest: Manifest, stage: str, cluster_id
     raise ValueError(f"unknown stage {stage!r}")
 
 
+def start_forced(run: RunDir, manifest: Manifest, force: set[str]) -> None:
+    """Begin `cbtm run --force STAGE...`: the records of the forced stages (for train, every expert's too) are
+    marked ``forced``, so they are not current until they run again, once. The job is recorded: the same command
+    re-run after a kill or Ctrl-C resumes it, keeping what it finished, instead of forcing those stages again.
+    Forced means recomputed, not resumed from an earlier build: its embedding shards and training checkpoints
+    go first (a kill before the manifest is written just repeats this)."""
+    job = {"force": sorted(force)}
+    if not force or manifest.jobs.get("run") == job:
+        if force:
+            log.info("  resuming the interrupted `--force %s` build: what it finished is kept",
+                     " --force ".join(job["force"]))
+        return
+    if "embed" in force:
+        release_embed_dir(run.embeddings_dir)
+    if "train" in force:
+        shutil.rmtree(run.checkpoints_root, ignore_errors=True)
+    records = [manifest.stages[name] for stage in force for name in FORCED_RECORDS[stage] if name in manifest.stages]
+    if "train" in force:
+        records += [entry for entry in manifest.experts.values() if not entry.get("deleted")]
+    for record in records:
+        record["forced"] = True
+    manifest.jobs["run"] = job
+    run.write_manifest(manifest)
+
+
 def is_current(run: RunDir, manifest: Manifest, stage: str, inputs: str) -> bool:
     record = manifest.stages.get(stage)
-    if not record or record.get("inputs") != inputs:
+    if not record or record.get("forced") or record.get("inputs") != inputs:
         return False
     return hash_path(run.stage_output(stage)) == record.get("outputs")
 
 
 def expert_is_current(run: RunDir, manifest: Manifest, cluster_id: int, inputs: str) -> bool:
     entry = manifest.experts.get(str(cluster_id))
-    if not entry or entry.get("inputs") != inputs:
+    if not entry or entry.get("forced") or entry.get("inputs") != inputs:
         return False
     if entry.get("skipped"):
         return True  # too little data for one block: nothing to train with these inputs

@@ -164,3 +164,36 @@ def test_ctrl_c_stops_an_expert_training_in_a_worker_thread_at_its_next_step(bui
         signal.signal(signal.SIGINT, inherited)
     assert "cbtm run: interrupted; re-run the same command to resume" in capsys.readouterr().err
     assert 2 <= len(steps_after) <= 3 < steps  # stopped at its next step, not after the rest of its steps
+
+    # As it says, the same command resumes the forced build: it does not force what it already redid again.
+    run = pipeline.RunDir(run_dir)
+    redone = [run.tokenizer_dir / "tokenizer.json", run.seed_dir / "model.safetensors",
+              run.expert_dir(0) / "model.safetensors"]
+    if run.read_manifest().config["seed"]["pretrain_share"]:
+        redone.append(run.pretrained_dir / "model.safetensors")
+    stamps = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in redone}
+    monkeypatch.setattr(faults, "point", lambda name: None)
+    assert main(["run", "--out", str(run_dir), "--force", "train"]) == 0
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in redone} == stamps
+    assert "resuming the interrupted `--force train` build" in capsys.readouterr().err
+    manifest = run.read_manifest()
+    assert "run" not in manifest.jobs and (run_dir / "DONE").exists()
+    assert not [r for r in [*manifest.stages.values(), *manifest.experts.values()] if r.get("forced")]
+    assert run.expert_dir(1).joinpath("model.safetensors").stat().st_mtime_ns > stamps[redone[2]][1]
+
+
+def test_force_reruns_a_stage_from_scratch_and_keeps_what_it_leaves_unchanged(built_run, tmp_path, capsys):
+    """`--force embed`, the repair the errors name for damaged embeddings, used to keep every finished shard
+    (and the tf-idf fit), and `--force assemble` was skipped as up to date."""
+    run_dir = shutil.copytree(built_run, tmp_path / "run")
+    run = pipeline.RunDir(run_dir)
+    shard = run.embeddings_dir / "shard-00000.npy"
+    vectors = np.load(shard)
+    np.save(shard, np.full_like(vectors, np.nan))  # damaged in place: the same shape and dtype
+    files = [shard, run.report_path, run.clusters_dir / "centroids.npy", run.expert_dir(0) / "model.safetensors"]
+    stamps = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in files}
+    assert main(["run", "--out", str(run_dir), "--force", "embed", "--force", "assemble"]) == 0, capsys.readouterr()
+    np.testing.assert_array_equal(np.load(shard), vectors)  # embedded again, as before the damage
+    changed = [p for p in files if (p.stat().st_ino, p.stat().st_mtime_ns) != stamps[p]]
+    assert changed == [shard, run.report_path]  # the same clusters: the experts were kept
+    assert (run_dir / "DONE").exists() and not run.read_manifest().jobs
