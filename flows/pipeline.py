@@ -230,7 +230,7 @@ def build(config: dict, run_dir: str, until: str = "assemble", force: list[str] 
         log.info("run directory %s", run.root)
         start_forced(run, manifest, {s for s in force or [] if STAGES.index(s) <= STAGES.index(until)})
         _build_stages(cfg, run, manifest, until, runner)
-        manifest.jobs.pop("run", None)  # a forced build ends here; so does an interrupted one that any build finished
+        manifest.jobs.pop("run", None)  # the forced job is done (or was interrupted and this build finished it)
         record_config(cfg, run, manifest)
     return summarize(run)
 
