@@ -204,6 +204,7 @@ def _load_hub(spec: str):
     name, _, config = spec[3:].partition(":")
     if not name:
         raise UserInputError(f"corpus {spec!r} names no dataset: use hf:NAME or hf:NAME:CONFIG")
+    log.info("corpus: loading %s from the Hugging Face hub (or its local cache)", spec)
     try:
         loaded = datasets.load_dataset(name, config or None)
     except Exception as exc:

@@ -50,10 +50,13 @@ def _setup_logging(verbose: bool) -> None:
         logger.setLevel(logging.INFO)
         logger.propagate = False
     if not verbose:
-        for noisy in ("transformers", "sentence_transformers", "datasets", "httpx", "prefect", "prefect.flow_runs",
-                      "prefect.task_runs", "prefect.server", "uvicorn"):
+        for noisy in ("transformers", "sentence_transformers", "datasets", "huggingface_hub", "httpx", "prefect",
+                      "prefect.flow_runs", "prefect.task_runs", "prefect.server", "uvicorn"):
             logging.getLogger(noisy).setLevel(logging.CRITICAL if noisy.startswith(("prefect", "uvicorn"))
                                               else logging.ERROR)
+        # ... and where huggingface_hub is imported later, which sets its level from this: its retries of an
+        # unreachable hub were a dozen warning lines, each twice, before the one-line error.
+        os.environ.setdefault("HF_HUB_VERBOSITY", "error")
         warnings.filterwarnings("ignore")
         # ... in the processes the command starts too: workers, and multiprocessing's resource tracker, which
         # warned of "leaked semaphore objects" after Ctrl-C had stopped the process runner's workers.

@@ -4,6 +4,8 @@ import gzip
 import json
 import shutil
 import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ import pytest
 from ensemble import Ensemble
 from flows.cli import main
 from ground.files import clean_stale_temporaries
-from tests.conftest import write_jsonl
+from tests.conftest import ROOT, write_jsonl
 from tests.trust.conftest import snapshot
 
 DOCS = [{"text": f"a long enough document about bread and ovens, number {i}"} for i in range(40)]
@@ -83,9 +85,27 @@ def test_cbtm_run_bad_input(argv, match, tmp_path, capsys, prefect_harness, monk
     before = snapshot(files["userdir"]) | {".draft.tmp": (files["userdir"] / ".draft.tmp").read_text()}
     assert main(["run", *argv, *out]) == 2
     err = capsys.readouterr().err.strip().splitlines()
+    if argv[-1].startswith("hf:"):  # what the wait is: offline, the hub's retries take half a minute
+        assert err.pop(0) == f"corpus: loading {argv[-1]} from the Hugging Face hub (or its local cache)"
     assert len(err) == 1 and "Traceback" not in err[0] and match in err[0], err
     assert not (tmp_path / "new").exists() and not (tmp_path / "runs").exists()
     assert snapshot(files["userdir"]) | {".draft.tmp": (files["userdir"] / ".draft.tmp").read_text()} == before
+
+
+def test_waiting_for_an_unreachable_hub_shows_one_line_not_the_hubs_retries(cli_env, tmp_path):
+    """Offline, huggingface_hub retries for half a minute; its warnings were a dozen lines, each twice. (The
+    one-line error at the end: `test_cbtm_run_bad_input`.)"""
+    env = {k: v for k, v in cli_env.items() if not k.endswith("_OFFLINE")}  # as a user's shell: it tries the hub
+    spec = "hf:no-such-owner/no-such-dataset"
+    args = ["run", "--corpus", spec, "--out", str(tmp_path / "new")]
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr.readline() == f"corpus: loading {spec} from the Hugging Face hub (or its local cache)\n"
+        time.sleep(4)  # the hub's first three tries, each warned of, at about 0, 1 and 3 s
+    finally:
+        proc.kill()
+    assert [line for line in proc.stderr.read().splitlines() if not line.startswith("cbtm run: error:")] == []
 
 
 def test_an_unwritable_out_is_refused_before_any_work(tmp_path, capsys):
