@@ -50,8 +50,8 @@ def _setup_logging(verbose: bool) -> None:
         logger.setLevel(logging.INFO)
         logger.propagate = False
     if not verbose:
-        for noisy in ("transformers", "sentence_transformers", "datasets", "huggingface_hub", "httpx", "prefect",
-                      "prefect.flow_runs", "prefect.task_runs", "prefect.server", "uvicorn"):
+        for noisy in ("transformers", "sentence_transformers", "datasets", "huggingface_hub", "lm_eval", "httpx",
+                      "prefect", "prefect.flow_runs", "prefect.task_runs", "prefect.server", "uvicorn"):
             logging.getLogger(noisy).setLevel(logging.CRITICAL if noisy.startswith(("prefect", "uvicorn"))
                                               else logging.ERROR)
         # ... and where huggingface_hub is imported later, which sets its level from this: its retries of an

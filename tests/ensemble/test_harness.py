@@ -131,7 +131,7 @@ def test_generate_until_is_the_ensembles_greedy_text_cut_at_the_stop(ens):
     assert out == full.split(stop)[0]
 
 
-def test_cli_eval_tasks_scores_every_system_and_the_baselines(baselined_run, task_dir, tmp_path, capsys):
+def test_cli_eval_tasks_scores_every_system_and_the_baselines(baselined_run, task_dir, tmp_path, capsys, caplog):
     run = tmp_path / "run"
     shutil.copytree(baselined_run[0], run)  # its baselines trained, as after `cbtm eval --baselines dense,random`
     argv = ["eval", str(run), "--tasks", "cbtm_demo_topic,cbtm_demo_rolling", "--include-path", str(task_dir),
@@ -147,6 +147,9 @@ def test_cli_eval_tasks_scores_every_system_and_the_baselines(baselined_run, tas
     report = (run / "report.md").read_text()
     assert "## lm-evaluation-harness" in report and (run / "plots" / "harness.png").stat().st_size > 1000
     assert "| dense |" in capsys.readouterr().out
+    # Nothing of lm-eval's reaches the root logger's handlers (Prefect's console): its "Overwriting default
+    # num_fewshot" warnings were printed for each system and task.
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("lm_eval")]
 
 
 @pytest.mark.parametrize("extra, match", [
