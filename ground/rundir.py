@@ -74,9 +74,11 @@ class Manifest:
 
     ``stages[name] = {"inputs": sha256, "outputs": sha256, "finished_at": iso time}``;
     ``experts[str(cluster_id)] = {"path": "experts/<i>", "hash": sha256, "files": {name: {"size", "sha256"}},
-    "val_loss": float | None, "skipped": bool, ...}``; ``routing[key] = {"value": ..., "source": "config" |
+    "val_loss": float | None, "skipped": bool, ...}`` (either record with ``"forced": true``: to be redone by
+    the `cbtm run --force` in progress); ``routing[key] = {"value": ..., "source": "config" |
     "auto" | "tuned"}`` for key in route_temperature, top_k; ``removed``: cluster ids no longer routed to; ``jobs``:
-    commands in progress that a re-run resumes (``{"retrain": {"clusters", "from_current", "done"}}``);
+    commands in progress that a re-run resumes (``{"retrain": {"clusters", "from_current", "done"}}``,
+    ``{"run": {"force": [stage, ...]}}``, ``{"add": ...}``);
     ``additions``: what each `cbtm add` grew the run with (corpus, documents, joined and new clusters).
     """
 
