@@ -117,7 +117,7 @@ def print_summary(summary: dict) -> None:
         for c in summary["clusters"]:
             print(f"  {c['cluster_id']:>3}  {c['size_train']:>6} train docs  {', '.join(c['keywords'][:8])}")
     if summary["experts"]:
-        print("Experts (held-out loss, nats/token):")
+        print("Experts (held-out loss, nats/token" + ("" if summary["done"] else "; recorded so far") + "):")
         for cid, e in sorted(summary["experts"].items(), key=lambda kv: int(kv[0])):
             if e.get("skipped"):
                 print(f"  {cid:>3}  skipped ({e.get('reason')}): routing excludes it")
@@ -128,6 +128,8 @@ def print_summary(summary: dict) -> None:
     if summary["done"]:
         prompt = shlex.quote(summary.get("example_prompt") or "The")
         print(f"Try:  cbtm query {shlex.quote(summary['run_dir'])} {prompt} --top-k 2")
+    else:  # stopped by --until, or experts of other clusters still to train: not servable yet
+        print(f"Unfinished: `cbtm run --out {shlex.quote(summary['run_dir'])}` carries on from here (its config.toml)")
 
 
 def cmd_retrain(args) -> int:

@@ -196,6 +196,15 @@ def test_the_closing_summary_suggests_a_query_from_the_users_own_corpus(built_ru
     assert main([*argv[1:], "--max-new-tokens", "3"]) == 0 and "Completion:" in capsys.readouterr().out
 
 
+def test_the_summary_of_an_unfinished_run_says_how_to_finish_it_not_how_to_query_it(built_run, capsys, tmp_path):
+    run_dir = shutil.copytree(built_run, tmp_path / "run")
+    (run_dir / "DONE").unlink()  # as after `cbtm run --until cluster`, or a re-clustering before its experts
+    print_summary(summarize(RunDir(run_dir)))
+    out = capsys.readouterr().out
+    assert "Experts (held-out loss, nats/token; recorded so far):" in out and "Try:" not in out
+    assert f"Unfinished: `cbtm run --out {run_dir}` carries on from here (its config.toml)" in out
+
+
 def test_cli_query_and_eval_on_a_built_run(built_run, capsys):
     assert main(["query", str(built_run), "Bread dough should rise", "--top-k", "2", "--max-new-tokens", "5"]) == 0
     out = capsys.readouterr().out
