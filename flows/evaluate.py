@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +138,16 @@ def tune_temperature(ens, texts: list[str], grid: list[float], top_k: int) -> di
         rows.append({"route_temperature": float(temperature), "perplexity": float(np.exp(-flat.mean()))})
     best = min(rows, key=lambda r: r["perplexity"])["route_temperature"]
     return {"top_k": top_k, "grid": rows, "best": best}
+
+
+def keep_unless_gain(results: dict, current: float, min_gain: float) -> list[float]:
+    """Set ``results["best"]`` (of `tune_temperature`) to the T nearest ``current`` (log scale) among those whose
+    perplexity is within ``min_gain`` of the lowest: where T changes next to nothing (a confident router, top-1)
+    the run keeps its temperature rather than taking the grid's lowest by noise. Returns those T."""
+    lowest = min(row["perplexity"] for row in results["grid"])
+    close = [row["route_temperature"] for row in results["grid"] if row["perplexity"] <= lowest * (1 + min_gain)]
+    results["best"] = min(close, key=lambda t: abs(math.log(t / current)))
+    return close
 
 
 def plot_temperature(results: dict, path: Path) -> Path:

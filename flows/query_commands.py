@@ -6,7 +6,8 @@ import math
 
 from ensemble import Ensemble
 from ensemble.config import tuned_routing
-from flows.evaluate import heldout_texts, plot_temperature, tune_temperature
+from flows.evaluate import heldout_texts, keep_unless_gain, plot_temperature, tune_temperature
+from flows.tuning import MIN_GAIN
 from ground.errors import UserInputError
 from ground.files import atomic_write_text
 from ground.rundir import RunDir
@@ -70,6 +71,7 @@ def cmd_tune_temperature(args) -> int:
     ens = Ensemble.load(args.run_dir, top_k=args.top_k)  # a bad --top-k fails here, before any scoring
     with run.writing("tune-temperature"):
         results = tune_temperature(ens, heldout_texts(ens)[: args.limit], grid, ens.top_k)
+        close = keep_unless_gain(results, ens.route_temperature, MIN_GAIN)
         manifest = run.read_manifest()
         manifest.routing = tuned_routing(manifest.routing, results["best"])  # checked before it is written
         atomic_write_text(run.temperature_path, json.dumps(results, indent=2) + "\n")
@@ -79,5 +81,8 @@ def cmd_tune_temperature(args) -> int:
     for row in results["grid"]:
         mark = "  <- chosen" if row["route_temperature"] == results["best"] else ""
         print(f"  T={row['route_temperature']:<8g} {row['perplexity']:>9.2f}{mark}")
+    if len(close) > 1:
+        print(f"{len(close)} temperatures are within {MIN_GAIN:.1%} of the lowest perplexity: kept the one nearest "
+              f"the run's T={ens.route_temperature:g}")
     print(f"Recorded route temperature {results['best']:g} in {run.manifest_path}; plot: {plot}")
     return 0

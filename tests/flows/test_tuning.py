@@ -101,3 +101,16 @@ def test_tuning_off_returns_to_the_routers_default(run_copy, slice_corpus):
     assert np.isfinite(Ensemble.load(run_copy).score(TEXTS[0])[0]).all()
     with pytest.raises(ValueError, match="ensemble.tune_docs must be"):
         tiny_config(slice_corpus).with_overrides(["ensemble.tune_docs=-1"])
+
+
+def test_where_the_temperature_changes_next_to_nothing_the_command_keeps_the_runs_own(run_copy, capsys):
+    """At top-1 every T routes each window to the same one expert; only the first window's prior mixture moves.
+    The lowest perplexity by a hair (0.04% on 3 documents, at T = 100: near-uniform mixing there) used to become
+    the run's tuned temperature. The tune stage's rule applies: another T must gain `MIN_GAIN`."""
+    current = Ensemble.load(run_copy).route_temperature
+    grid = f"0.01,{current:g},100"
+    assert main(["tune-temperature", str(run_copy), "--top-k", "1", "--grid", grid, "--limit", "3"]) == 0
+    ppl = [row["perplexity"] for row in json.loads(RunDir(run_copy).temperature_path.read_text())["grid"]]
+    assert ppl[2] < ppl[1] <= ppl[2] * (1 + MIN_GAIN)  # T = 100 is lowest, by less than MIN_GAIN
+    assert temperature(run_copy) == {"value": current, "source": "tuned"}
+    assert f"kept the one nearest the run's T={current:g}" in capsys.readouterr().out
