@@ -19,7 +19,7 @@ from cluster.corpus import read_documents
 from ensemble import Ensemble
 from ensemble.config import DEFAULT_TEMPERATURE, auto_routing
 from flows.config import PipelineConfig
-from flows.evaluate import plot_temperature, tune_temperature
+from flows.evaluate import keep_unless_gain, plot_temperature, tune_temperature
 from flows.stages import run_stage
 from ground.files import atomic_write_text, hash_json
 from ground.rundir import Manifest, RunDir, hashed_settings
@@ -54,11 +54,10 @@ def wants_tuning(cfg: PipelineConfig, manifest: Manifest) -> bool:
 
 def choose_temperature(ens: Ensemble, texts: list[str], default: float) -> dict:
     """`tune_temperature` at ``ens.top_k`` over `TUNE_SCALES` x the router's ``default`` T; ``"best"`` stays the
-    default unless another T lowers the perplexity of ``texts`` by `MIN_GAIN`."""
+    default unless another T lowers the perplexity of ``texts`` by `MIN_GAIN` (`keep_unless_gain`: then the T
+    nearest the default among those within `MIN_GAIN` of the lowest, as `cbtm tune-temperature` chooses)."""
     results = tune_temperature(ens, texts, [round(default * s, 6) for s in TUNE_SCALES], ens.top_k)
-    ppl = {r["route_temperature"]: r["perplexity"] for r in results["grid"]}
-    if ppl[default] <= ppl[results["best"]] * (1 + MIN_GAIN):  # a confident router: T changes next to nothing
-        results["best"] = default
+    keep_unless_gain(results, default, MIN_GAIN)  # a confident router: T changes next to nothing
     return results
 
 
